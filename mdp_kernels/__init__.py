@@ -1,0 +1,17 @@
+"""mdp-kernels: fused pixel-to-prototype contrastive losses for multi-dataset pretraining.
+
+Public API: the functional ops, ``PrototypeBank`` and the ``PrototypeContrastLoss`` module.
+Every op takes ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
+"""
+from . import ops  # registers the mdp:: custom ops
+from . import extension  # registers the C++/CUDA kernels
+from .bank import PrototypeBank
+from .dispatch import available_backends
+from .functional import (class_embedding_sums, masked_average_pool, pixel_contrast_loss,
+                         prototype_consistency_loss, prototype_contrast_loss, pseudo_label)
+from .modules import PrototypeContrastLoss
+
+__version__ = "0.1.0"
+__all__ = ["PrototypeBank", "PrototypeContrastLoss", "available_backends",
+           "class_embedding_sums", "masked_average_pool", "pixel_contrast_loss",
+           "prototype_consistency_loss", "prototype_contrast_loss", "pseudo_label"]

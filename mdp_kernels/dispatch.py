@@ -1,0 +1,146 @@
+"""Backend registry: the one place where an op's kernel is chosen.
+
+Every public op is split into kernel phases that a backend implements. The public
+functional layer (``mdp_kernels.functional``) validates inputs and turns labels into
+targets; the ``torch.library`` ops in ``mdp_kernels.ops`` call ``kernel(name, backend,
+device)`` and run what it returns. ``backend="reference"`` never reaches this registry:
+it runs the plain-PyTorch math of ``mdp_kernels.reference`` directly.
+
+Kernel contract (all backends, Python-callable; ``acc`` = float64 for float64 inputs,
+float32 otherwise):
+
+Inputs are already checked. ``feats``-like tensors are 3-D ``(B, D, P)`` views that may be
+strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)``).
+``targets`` are int64 ``(B, P)`` with values in ``[-1, C)``; ``-1`` means "no target"
+(ignored pixel, or a class masked out). ``bias`` is ``None`` or a float32 ``(C,)`` of
+``0`` (class allowed) and ``-inf`` (class masked out), added to the scaled logits.
+``protos`` is a contiguous ``(C, D)`` of the features' dtype. z_ik = f_i . P_k / tau + bias_k.
+
+``class_sums(feats, targets, num_classes) -> (sums (B,C,D) acc, counts (B,C) int64)``
+``class_sums_bwd(grad_sums (B,C,D) acc, feats, targets) -> dfeats (B,D,P) feats.dtype``
+    dfeats[b, :, p] = grad_sums[b, targets[b, p]] (0 where targets is -1).
+``ce_fwd(feats, protos, ta, tb, bias, tau) -> (lse, za, zb)``, each ``(B, P)`` acc.
+    ``tb`` may be None (then zb is zeros). A pixel with no target (ta = -1 and tb None
+    or -1) is skipped: lse = za = zb = 0, no FLOPs. Otherwise lse_i = logsumexp_k z_ik,
+    za_i = z_{i,ta_i} (0 where ta_i = -1), likewise zb.
+``ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos)
+        -> (dfeats (B,D,P) feats.dtype or None, dprotos (C,D) protos.dtype or None)``
+    dz_ik = g_lse_i * exp(z_ik - lse_i) + g_za_i [k = ta_i] + g_zb_i [k = tb_i]
+    over non-skipped pixels; dfeats_i = sum_k dz_ik P_k / tau; dprotos_k = sum_i dz_ik f_i / tau.
+    ``g_zb`` is None when ``tb`` is None.
+``con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t)``
+    each ``(B, P)`` acc; ``mask`` is None or bool ``(B, P)`` (False: skipped, all zeros).
+    s = log_softmax(z^s), t = softmax(z^t) (z^s with tau_s on the student, z^t with tau_t
+    on the teacher); ce_i = -sum_k t_ik s_ik, ent_i = -sum_k t_ik log t_ik.
+``con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t,
+          need_feats, need_protos) -> (dstudent (B,D,P) or None, dprotos (C,D) or None)``
+    dz^s_ik = g_ce_i (softmax(z^s)_ik - t_ik); t is a constant (stop-gradient).
+    dstudent_i = sum_k dz^s_ik P_k / tau_s; dprotos_k = sum_i dz^s_ik f_i / tau_s.
+``pix_fwd(q (B,D,P), k (B,D,Pk), qmask (B,P) bool, kmask (B,Pk) bool, tau) -> lse (B,P) acc``
+    lse_i = logsumexp over keys j of the same image with kmask of q_i . k_j / tau, for
+    query pixels with qmask (0 elsewhere, and 0 when an image has no valid key).
+``pix_bwd(g_lse, q, k, qmask, kmask, lse, tau, need_q, need_k) -> (dq or None, dk or None)``
+    a_ij = exp(q_i . k_j / tau - lse_i); dq_i = g_i sum_j a_ij k_j / tau;
+    dk_j = sum_i g_i a_ij q_i / tau (over valid i, j of the same image).
+``pseudo_label(feats, protos, bias, threshold, ignore_index) -> (labels (B,P) int64,
+        scores (B,P) float32)``: score_i = max_k (f_i . P_k + bias_k), label_i = the
+    lowest k attaining it if score_i >= threshold else ignore_index (no temperature).
+``bank_slot(sums (B,C,D) acc, counts (B,C) int64) -> (S (C,D) acc, n (C,) acc)``
+    S_j = sum_b [counts_bj > 0] sums_bj / counts_bj, n_j = sum_b [counts_bj > 0].
+``bank_prototypes(S (K,C,D), n (K,C), normalize) -> (P (C,D), valid (C,) bool)``
+    P_j = sum_s S_sj / sum_s n_sj (0 where invalid), L2-normalised rows if ``normalize``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
+       "pix_fwd", "pix_bwd", "pseudo_label", "bank_slot", "bank_prototypes")
+
+_kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
+# Why a backend cannot run here, filled in by the module that tried to load it.
+_unavailable: dict[str, str] = {}
+
+
+def register(backend: str, op: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s kernel for kernel phase ``op``."""
+    if backend not in _kernels:
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}")
+    _kernels[backend][op] = fn
+
+
+def mark_unavailable(backend: str, reason: str) -> None:
+    _unavailable[backend] = reason
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _device_ok(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend in _unavailable:
+        return _unavailable[backend]
+    if backend == "cpu" and device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
+    if backend == "cuda" and device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run its "
+                "kernels on CPU tensors through the Triton interpreter)")
+    return None
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return ("triton", "cuda")
+    if device.type == "cpu":
+        return ("cpu",)
+    return ()
+
+
+def resolve(ops: tuple[str, ...], backend: str, device: torch.device) -> str:
+    """The backend that will run kernel phases ``ops`` on ``device``: a kernel backend or
+    "reference".
+
+    ``auto`` picks the fastest kernel backend that has all of ``ops`` for the device and
+    falls back to the reference. An explicit backend that cannot run raises
+    ``RuntimeError`` saying why.
+    """
+    check_backend(backend)
+    if backend == "reference":
+        return "reference"
+    if backend == "auto":
+        for name in _auto_order(device):
+            if _device_ok(name, device) is None and all(op in _kernels[name] for op in ops):
+                return name
+        return "reference"
+    reason = _device_ok(backend, device)
+    missing = [op for op in ops if op not in _kernels[backend]]
+    if reason is None and missing:
+        reason = f"it has no kernel for {', '.join(missing)}"
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def kernel(op: str, backend: str) -> Callable:
+    """The kernel registered for ``op`` by the (already resolved) ``backend``."""
+    return _kernels[backend][op]
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run every loss on ``device`` ("reference" always can)."""
+    device = torch.device(device)
+    names = ["reference"]
+    for name in ("cpu", "cuda", "triton"):
+        if _device_ok(name, device) is None and _kernels[name]:
+            names.append(name)
+    return names

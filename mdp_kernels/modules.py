@@ -1,0 +1,81 @@
+"""``PrototypeContrastLoss``: the drop-in MDP loss module (DESIGN.md section 3.7)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import dispatch
+from .bank import PrototypeBank
+from .functional import prototype_consistency_loss, prototype_contrast_loss
+
+
+class PrototypeContrastLoss(nn.Module):
+    r"""MDP's pixel-to-prototype loss with its own prototype bank.
+
+    ``forward`` pushes the key features into the bank, reads the (L2-normalised) prototypes
+    and the classes the bank has seen, and returns
+
+    .. math:: L = L_{class} + \alpha L_{con}
+
+    where ``L_class`` is :func:`prototype_contrast_loss` (with mixing when ``labels_b`` and
+    ``lam`` are given) over the valid classes and ``L_con`` is
+    :func:`prototype_consistency_loss` (only when both ``con_student`` and ``con_teacher``
+    are given). The parts of the last call are in ``last_terms`` (detached).
+
+    Args:
+        num_classes: size of the concatenated label space.
+        dim: embedding size.
+        bank_images, batch_size: the bank remembers ``max(1, bank_images // batch_size)``
+            batches.
+        alpha: weight of the consistency term.
+    """
+
+    def __init__(self, num_classes: int, dim: int = 256, *, tau: float = 0.07,
+                 bank_images: int = 10240, batch_size: int = 128, alpha: float = 0.2,
+                 tau_student: float = 0.07, tau_teacher: float = 0.04,
+                 ignore_index: int = 255, backend: str = "auto", check_finite: bool = True):
+        super().__init__()
+        dispatch.check_backend(backend)
+        if batch_size < 1 or bank_images < 1:
+            raise ValueError("bank_images and batch_size must be positive")
+        self.bank = PrototypeBank(num_classes, dim, max(1, bank_images // batch_size),
+                                  ignore_index=ignore_index, backend=backend)
+        self.tau, self.alpha = tau, alpha
+        self.tau_student, self.tau_teacher = tau_student, tau_teacher
+        self.ignore_index, self.backend, self.check_finite = ignore_index, backend, check_finite
+        self.last_terms: dict[str, Tensor] = {}
+
+    def forward(self, feats: Tensor, labels: Tensor, key_feats: Tensor | None = None, *,
+                key_labels: Tensor | None = None, labels_b: Tensor | None = None,
+                lam: float | Tensor | None = None, con_student: Tensor | None = None,
+                con_teacher: Tensor | None = None, con_mask: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            feats: ``(B, D, *spatial)`` query embeddings (mixed view when mixing).
+            labels: ``(B, *spatial)`` targets of ``feats`` (``a`` when mixing).
+            key_feats, key_labels: the (unmixed) key view that updates the bank; default
+                ``feats.detach()`` and ``labels``.
+            labels_b, lam: mixing targets and ratio (see :func:`prototype_contrast_loss`).
+            con_student, con_teacher, con_mask: consistency inputs
+                (see :func:`prototype_consistency_loss`).
+        """
+        if (con_student is None) != (con_teacher is None):
+            raise ValueError("consistency needs both con_student and con_teacher (or neither)")
+        self.bank.update(feats.detach() if key_feats is None else key_feats,
+                         labels if key_labels is None else key_labels)
+        protos, valid = self.bank.prototypes()
+        protos = protos.to(feats.dtype)
+        l_class = prototype_contrast_loss(
+            feats, protos, labels, tau=self.tau, ignore_index=self.ignore_index,
+            class_mask=valid, labels_b=labels_b, lam=lam, check_finite=self.check_finite,
+            backend=self.backend)
+        terms = {"class": l_class.detach(), "valid_classes": valid.sum()}
+        loss = l_class
+        if con_student is not None:
+            l_con = prototype_consistency_loss(
+                con_student, con_teacher, protos.to(con_student.dtype),
+                tau_student=self.tau_student, tau_teacher=self.tau_teacher, mask=con_mask,
+                class_mask=valid, check_finite=self.check_finite, backend=self.backend)
+            terms["con"] = l_con.detach()
+            loss = loss + self.alpha * l_con
+        self.last_terms = terms
+        return loss

@@ -1,0 +1,274 @@
+"""``torch.library`` registration (namespace ``mdp``) of every kernel phase.
+
+Each op is a ``custom_op`` whose body runs the kernel that ``dispatch`` resolved (the
+``backend`` argument is always a concrete kernel backend here), a fake implementation
+that gives output shapes to ``torch.compile``, and, for the differentiable ops, an
+autograd formula that calls the matching backward op. Data-dependent checks (label
+values, finiteness) run inside the op bodies so they also run inside compiled graphs.
+Backward ops are once-differentiable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch, validation
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
+
+
+def _empty_grad(like: Tensor, needed: bool) -> Tensor:
+    return torch.empty(like.shape if needed else (0,), dtype=like.dtype, device=like.device)
+
+
+def _grad(t: Optional[Tensor]) -> Tensor:
+    """Kernels take contiguous grads; a grad left None by autograd is zero."""
+    return t.contiguous()
+
+
+# ---------------------------------------------------------------- targets (labels -> -1/class)
+@torch.library.custom_op("mdp::targets", mutates_args=())
+def targets(labels: Tensor, class_mask: Optional[Tensor], num_classes: int,
+            ignore_index: int) -> Tensor:
+    validation.check_label_values(labels, num_classes, ignore_index)
+    t = torch.where(labels == ignore_index, -1, labels.to(torch.int64))
+    if class_mask is not None:
+        t = torch.where(class_mask[t.clamp(min=0)], t, -1)
+    return t.contiguous()
+
+
+@targets.register_fake
+def _(labels, class_mask, num_classes, ignore_index):
+    return torch.empty(labels.shape, dtype=torch.int64, device=labels.device)
+
+
+# ---------------------------------------------------------------- class sums
+@torch.library.custom_op("mdp::class_sums", mutates_args=())
+def class_sums(feats: Tensor, targets: Tensor, num_classes: int, backend: str
+               ) -> tuple[Tensor, Tensor]:
+    return dispatch.kernel("class_sums", backend)(feats, targets, num_classes)
+
+
+@class_sums.register_fake
+def _(feats, targets, num_classes, backend):
+    b, d, _ = feats.shape
+    return (feats.new_empty((b, num_classes, d), dtype=acc_dtype(feats.dtype)),
+            feats.new_empty((b, num_classes), dtype=torch.int64))
+
+
+@torch.library.custom_op("mdp::class_sums_bwd", mutates_args=())
+def class_sums_bwd(grad_sums: Tensor, feats: Tensor, targets: Tensor, backend: str) -> Tensor:
+    return dispatch.kernel("class_sums_bwd", backend)(grad_sums.contiguous(), feats, targets)
+
+
+@class_sums_bwd.register_fake
+def _(grad_sums, feats, targets, backend):
+    return torch.empty(feats.shape, dtype=feats.dtype, device=feats.device)
+
+
+def _class_sums_setup(ctx, inputs, output):
+    feats, targets, _, backend = inputs
+    ctx.save_for_backward(feats, targets)
+    ctx.backend = backend
+
+
+def _class_sums_backward(ctx, grad_sums, grad_counts):
+    feats, targets = ctx.saved_tensors
+    return class_sums_bwd(grad_sums, feats, targets, ctx.backend), None, None, None
+
+
+class_sums.register_autograd(_class_sums_backward, setup_context=_class_sums_setup)
+
+
+# ---------------------------------------------------------------- pixel-to-prototype CE
+@torch.library.custom_op("mdp::ce_fwd", mutates_args=())
+def ce_fwd(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+           bias: Optional[Tensor], tau: float, backend: str, check_finite: bool
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    if check_finite:
+        validation.check_finite(feats, "feats")
+        validation.check_finite(protos, "prototypes")
+    return dispatch.kernel("ce_fwd", backend)(feats, protos, ta, tb, bias, tau)
+
+
+@ce_fwd.register_fake
+def _(feats, protos, ta, tb, bias, tau, backend, check_finite):
+    b, _, p = feats.shape
+    return tuple(feats.new_empty((b, p), dtype=acc_dtype(feats.dtype)) for _ in range(3))
+
+
+@torch.library.custom_op("mdp::ce_bwd", mutates_args=())
+def ce_bwd(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], feats: Tensor, protos: Tensor,
+           ta: Tensor, tb: Optional[Tensor], bias: Optional[Tensor], lse: Tensor, tau: float,
+           need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
+    df, dp = dispatch.kernel("ce_bwd", backend)(
+        g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos)
+    return (df if need_feats else _empty_grad(feats, False),
+            dp if need_protos else _empty_grad(protos, False))
+
+
+@ce_bwd.register_fake
+def _(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos,
+      backend):
+    return _empty_grad(feats, need_feats), _empty_grad(protos, need_protos)
+
+
+def _ce_setup(ctx, inputs, output):
+    feats, protos, ta, tb, bias, tau, backend, _ = inputs
+    ctx.save_for_backward(feats, protos, ta, tb, bias, output[0])
+    ctx.tau, ctx.backend = tau, backend
+
+
+def _ce_backward(ctx, g_lse, g_za, g_zb):
+    feats, protos, ta, tb, bias, lse = ctx.saved_tensors
+    need_f, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    df, dp = ce_bwd(_grad(g_lse), _grad(g_za), None if tb is None else _grad(g_zb), feats,
+                    protos, ta, tb, bias, lse, ctx.tau, need_f, need_p, ctx.backend)
+    return (df if need_f else None, dp if need_p else None) + (None,) * 6
+
+
+ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# ---------------------------------------------------------------- consistency CE / KL
+@torch.library.custom_op("mdp::con_fwd", mutates_args=())
+def con_fwd(student: Tensor, teacher: Tensor, protos: Tensor, bias: Optional[Tensor],
+            mask: Optional[Tensor], tau_s: float, tau_t: float, backend: str,
+            check_finite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if check_finite:
+        validation.check_finite(student, "student")
+        validation.check_finite(teacher, "teacher")
+        validation.check_finite(protos, "prototypes")
+    return dispatch.kernel("con_fwd", backend)(student, teacher, protos, bias, mask, tau_s, tau_t)
+
+
+@con_fwd.register_fake
+def _(student, teacher, protos, bias, mask, tau_s, tau_t, backend, check_finite):
+    b, _, p = student.shape
+    return tuple(student.new_empty((b, p), dtype=acc_dtype(student.dtype)) for _ in range(4))
+
+
+@torch.library.custom_op("mdp::con_bwd", mutates_args=())
+def con_bwd(g_ce: Tensor, student: Tensor, teacher: Tensor, protos: Tensor,
+            bias: Optional[Tensor], mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor,
+            tau_s: float, tau_t: float, need_feats: bool, need_protos: bool, backend: str
+            ) -> tuple[Tensor, Tensor]:
+    ds, dp = dispatch.kernel("con_bwd", backend)(
+        g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t,
+        need_feats, need_protos)
+    return (ds if need_feats else _empty_grad(student, False),
+            dp if need_protos else _empty_grad(protos, False))
+
+
+@con_bwd.register_fake
+def _(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t, need_feats,
+      need_protos, backend):
+    return _empty_grad(student, need_feats), _empty_grad(protos, need_protos)
+
+
+def _con_setup(ctx, inputs, output):
+    student, teacher, protos, bias, mask, tau_s, tau_t, backend, _ = inputs
+    ctx.save_for_backward(student, teacher, protos, bias, mask, output[2], output[3])
+    ctx.taus, ctx.backend = (tau_s, tau_t), backend
+
+
+def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t):
+    student, teacher, protos, bias, mask, lse_s, lse_t = ctx.saved_tensors
+    need_s, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    ds, dp = con_bwd(_grad(g_ce), student, teacher, protos, bias, mask, lse_s, lse_t,
+                     *ctx.taus, need_s, need_p, ctx.backend)
+    return (ds if need_s else None, None, dp if need_p else None) + (None,) * 6
+
+
+con_fwd.register_autograd(_con_backward, setup_context=_con_setup)
+
+
+# ---------------------------------------------------------------- pixel-to-pixel logsumexp
+@torch.library.custom_op("mdp::pix_fwd", mutates_args=())
+def pix_fwd(q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, tau: float, backend: str,
+            check_finite: bool) -> Tensor:
+    if check_finite:
+        validation.check_finite(q, "feats_q")
+        validation.check_finite(k, "feats_k")
+    return dispatch.kernel("pix_fwd", backend)(q, k, qmask, kmask, tau)
+
+
+@pix_fwd.register_fake
+def _(q, k, qmask, kmask, tau, backend, check_finite):
+    b, _, p = q.shape
+    return q.new_empty((b, p), dtype=acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("mdp::pix_bwd", mutates_args=())
+def pix_bwd(g_lse: Tensor, q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, lse: Tensor,
+            tau: float, need_q: bool, need_k: bool, backend: str) -> tuple[Tensor, Tensor]:
+    dq, dk = dispatch.kernel("pix_bwd", backend)(g_lse, q, k, qmask, kmask, lse, tau,
+                                                 need_q, need_k)
+    return (dq if need_q else _empty_grad(q, False), dk if need_k else _empty_grad(k, False))
+
+
+@pix_bwd.register_fake
+def _(g_lse, q, k, qmask, kmask, lse, tau, need_q, need_k, backend):
+    return _empty_grad(q, need_q), _empty_grad(k, need_k)
+
+
+def _pix_setup(ctx, inputs, output):
+    q, k, qmask, kmask, tau, backend, _ = inputs
+    ctx.save_for_backward(q, k, qmask, kmask, output)
+    ctx.tau, ctx.backend = tau, backend
+
+
+def _pix_backward(ctx, g_lse):
+    q, k, qmask, kmask, lse = ctx.saved_tensors
+    need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dq, dk = pix_bwd(_grad(g_lse), q, k, qmask, kmask, lse, ctx.tau, need_q, need_k,
+                     ctx.backend)
+    return (dq if need_q else None, dk if need_k else None) + (None,) * 5
+
+
+pix_fwd.register_autograd(_pix_backward, setup_context=_pix_setup)
+
+
+# ---------------------------------------------------------------- pseudo-labels, bank
+@torch.library.custom_op("mdp::pseudo_label", mutates_args=())
+def pseudo_label(feats: Tensor, protos: Tensor, bias: Optional[Tensor], threshold: float,
+                 ignore_index: int, backend: str) -> tuple[Tensor, Tensor]:
+    return dispatch.kernel("pseudo_label", backend)(feats, protos, bias, threshold, ignore_index)
+
+
+@pseudo_label.register_fake
+def _(feats, protos, bias, threshold, ignore_index, backend):
+    b, _, p = feats.shape
+    return (feats.new_empty((b, p), dtype=torch.int64),
+            feats.new_empty((b, p), dtype=torch.float32))
+
+
+@torch.library.custom_op("mdp::bank_slot", mutates_args=())
+def bank_slot(sums: Tensor, counts: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return dispatch.kernel("bank_slot", backend)(sums, counts)
+
+
+@bank_slot.register_fake
+def _(sums, counts, backend):
+    _, c, d = sums.shape
+    return sums.new_empty((c, d)), sums.new_empty((c,))
+
+
+@torch.library.custom_op("mdp::bank_prototypes", mutates_args=())
+def bank_prototypes(sums: Tensor, counts: Tensor, normalize: bool, backend: str
+                    ) -> tuple[Tensor, Tensor]:
+    return dispatch.kernel("bank_prototypes", backend)(sums, counts, normalize)
+
+
+@bank_prototypes.register_fake
+def _(sums, counts, normalize, backend):
+    _, c, d = sums.shape
+    return sums.new_empty((c, d)), sums.new_empty((c,), dtype=torch.bool)
