@@ -5,6 +5,14 @@ Every op takes ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
 """
 from . import ops  # registers the mdp:: custom ops
 from . import extension  # registers the C++/CUDA kernels
+from . import dispatch as _dispatch
+
+try:
+    import triton as _triton_lib  # noqa: F401
+except ImportError as _exc:
+    _dispatch.mark_unavailable("triton", f"triton is not installed ({_exc})")
+else:
+    from . import triton  # noqa: F401  registers the Triton kernels
 from .bank import PrototypeBank
 from .dispatch import available_backends
 from .functional import (class_embedding_sums, masked_average_pool, pixel_contrast_loss,

@@ -1,0 +1,31 @@
+"""Triton kernels (the ``triton`` backend): one module per kernel phase, registered with
+``dispatch`` under the names of the kernel contract. Imported only when ``triton`` imports.
+
+On CUDA tensors they compile for the GPU; with ``TRITON_INTERPRET=1`` they run on CPU tensors
+through the Triton interpreter (the test suite's mode when there is no GPU).
+``set_deterministic(False)`` (or ``MDP_TRITON_DETERMINISTIC=0``) switches the prototype
+gradients of ce_bwd / con_bwd to float atomics.
+"""
+from .. import dispatch
+from . import _launch
+from .ce_bwd import ce_bwd
+from .ce_fwd import ce_fwd
+from .class_sums import class_sums, class_sums_bwd
+from .con_bwd import con_bwd
+from .con_fwd import con_fwd
+from .pix_bwd import pix_bwd
+from .pix_fwd import pix_fwd
+from .pseudo_label import pseudo_label
+
+KERNELS = {"class_sums": class_sums, "class_sums_bwd": class_sums_bwd, "ce_fwd": ce_fwd,
+           "ce_bwd": ce_bwd, "con_fwd": con_fwd, "con_bwd": con_bwd, "pix_fwd": pix_fwd,
+           "pix_bwd": pix_bwd, "pseudo_label": pseudo_label}
+
+for _name, _fn in KERNELS.items():
+    dispatch.register("triton", _name, _fn)
+
+
+def set_deterministic(flag: bool) -> None:
+    """True (default): prototype gradients reduced without float atomics, bitwise
+    reproducible. False: the pixel-block backward adds them with tl.atomic_add."""
+    _launch.deterministic = bool(flag)

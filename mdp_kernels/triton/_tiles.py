@@ -1,0 +1,84 @@
+"""Tile helpers shared by the kernels (inlined by ``triton.jit``).
+
+Feature tensors are strided ``(B, D, P)`` views; a pixel tile is loaded pixels-as-rows,
+``(BLOCK_P, BLOCK_D)``. Offsets are formed in int64 (index ``.to(tl.int64)`` before the
+stride multiply) so that views over more than 2**31 elements address correctly.
+Prototypes are contiguous ``(C, D)``; class bias is float32 ``(C,)`` of 0 / -inf.
+"""
+import triton
+import triton.language as tl
+
+from ._launch import INTERPRET
+
+# The interpreter's tl.dot multiplies bfloat16 tensors as their raw uint16 storage.
+_BF16_DOT_IN_FP32 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def mm(a, b):
+    """a @ b with float32 accumulation (float64 for float64 operands) and IEEE float32
+    products (no TF32). bfloat16 operands go through float32 in the interpreter (exact)."""
+    if _BF16_DOT_IN_FP32 and a.dtype.is_bf16():
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def row_ptrs(x_ptr, b, p, D, sb, sd, sp, BLOCK_D: tl.constexpr):
+    """Pointers to x[b, d, p] as a (len(p), BLOCK_D) tile, and the d < D mask."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = (x_ptr + b.to(tl.int64) * sb + p.to(tl.int64)[:, None] * sp
+            + d.to(tl.int64)[None, :] * sd)
+    return ptrs, (d < D)[None, :]
+
+
+@triton.jit
+def load_rows(x_ptr, b, p, pmask, D, sb, sd, sp, BLOCK_D: tl.constexpr):
+    """x[b, :, p] as a (len(p), BLOCK_D) tile; 0 where pmask is False or d >= D (masked
+    pixels are not read)."""
+    ptrs, dmask = row_ptrs(x_ptr, b, p, D, sb, sd, sp, BLOCK_D)
+    return tl.load(ptrs, mask=pmask[:, None] & dmask, other=0.0)
+
+
+@triton.jit
+def store_rows(x_ptr, val, b, p, pmask, D, sb, sd, sp, BLOCK_D: tl.constexpr):
+    ptrs, dmask = row_ptrs(x_ptr, b, p, D, sb, sd, sp, BLOCK_D)
+    tl.store(ptrs, val.to(x_ptr.dtype.element_ty), mask=pmask[:, None] & dmask)
+
+
+@triton.jit
+def load_protos_t(p_ptr, c, C, D, BLOCK_D: tl.constexpr):
+    """protos[c, :] transposed, a (BLOCK_D, len(c)) tile; 0 for c >= C or d >= D."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = p_ptr + c.to(tl.int64)[None, :] * D + d.to(tl.int64)[:, None]
+    return tl.load(ptrs, mask=(c < C)[None, :] & (d < D)[:, None], other=0.0)
+
+
+@triton.jit
+def logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS: tl.constexpr):
+    """z = f @ pt * scale + bias, (BLOCK_P, BLOCK_C) in the accumulator dtype (float32, or
+    float64 for float64 inputs); -inf for masked classes and c >= C. The scale (1/tau)
+    multiplies the float32 accumulator, never the low-precision inputs."""
+    z = mm(f, pt) * scale
+    if HAS_BIAS:
+        z = z + tl.load(bias_ptr + c, mask=c < C, other=-float("inf"))[None, :]
+    else:
+        z = tl.where((c < C)[None, :], z, -float("inf"))
+    return z
+
+
+@triton.jit
+def lse_update(m, s, z):
+    """One online-logsumexp step over the columns of z: running max m, running sum
+    s = sum exp(z - m). A row that has seen only -inf keeps m = -inf, s = 0."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(z - m_ref[:, None]), 1)
+    return m_new, s
+
+
+@triton.jit
+def count(mask):
+    """Number of True entries of a 1-D mask (an int32 scalar)."""
+    return tl.sum(mask.to(tl.int32), 0)
