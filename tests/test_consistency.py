@@ -64,10 +64,12 @@ def test_gradcheck_float64_and_no_teacher_grad(backend):
         pytest.skip("float64 tl.dot is not supported by Triton on GPUs")
     s, t, p = (x.to(device) for x in case(2, 5, 6, (2, 3), dtype=torch.float64))
     s.requires_grad_()
-    p.requires_grad_()
     t.requires_grad_()
+    # Not w.r.t. prototypes: a finite difference in P also moves the teacher softmax, which
+    # the loss treats as a constant (stop-gradient); dprotos is checked in test_matches_reference.
     assert torch.autograd.gradcheck(
-        lambda s, p: mk.prototype_consistency_loss(s, t, p, kind="kl", backend=backend), (s, p))
+        lambda s: mk.prototype_consistency_loss(s, t, p, kind="kl", backend=backend), (s,))
+    p.requires_grad_()
     mk.prototype_consistency_loss(s, t, p, backend=backend).backward()
     assert t.grad is None
 

@@ -48,8 +48,8 @@ def _con_fwd(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, ce_ptr, ent_ptr, lss_ptr, 
         w = tl.exp(zt - m_ref[:, None])
         s_t = s_t * alpha + tl.sum(w, 1)
         # masked classes have w = 0 and z = -inf: keep them out of the products
-        a = a * alpha + tl.sum(tl.where(w > 0, w * zs, 0.0), 1)
-        e = e * alpha + tl.sum(tl.where(w > 0, w * zt, 0.0), 1)
+        a = a * alpha + tl.sum(w * tl.where(w > 0, zs, 0.0), 1)
+        e = e * alpha + tl.sum(w * tl.where(w > 0, zt, 0.0), 1)
         m_t = m_new
     lse_s = m_s + tl.log(s_s)
     lse_t = m_t + tl.log(s_t)
