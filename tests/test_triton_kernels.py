@@ -4,6 +4,9 @@ deterministic prototype gradients, the interpreter's single autotune config.
 Shapes are small: without a GPU these run in the Triton interpreter.
 """
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -148,3 +151,14 @@ def test_skipped_pixels_get_zero_and_are_not_read(device):
     assert torch.isfinite(loss).all() and torch.isfinite(gf).all()
     assert rel_err(loss.detach().cpu(), ref) <= 1e-5
     assert not gf[..., :20].any()
+
+
+@pytest.mark.skipif(os.environ.get("MDP_TRITON_COMPILE_CHECK") != "1",
+                    reason="compiling for sm_90 takes minutes; set MDP_TRITON_COMPILE_CHECK=1")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_kernels_compile_for_sm90(dtype):
+    script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, script, dtype], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
