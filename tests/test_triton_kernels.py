@@ -153,9 +153,31 @@ def test_skipped_pixels_get_zero_and_are_not_read(device):
     assert not gf[..., :20].any()
 
 
+
+def test_inside_torch_compile(device):
+    """The triton ops run inside a fullgraph torch.compile graph and match eager mode."""
+    f, g, p, y, yb, cm = case(device, c=11, hw=(4, 5))
+    f.requires_grad_()
+    p.requires_grad_()
+
+    def fn(f, p):
+        return (mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, class_mask=cm,
+                                           backend="triton")
+                + mk.prototype_consistency_loss(f, g, p, backend="triton")
+                + mk.pixel_contrast_loss(f, y, g, yb, num_classes=11, backend="triton")
+                + mk.masked_average_pool(f, y, 11, backend="triton")[0].square().sum())
+
+    torch._dynamo.reset()
+    comp = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    eager, got = fn(f, p), comp(f, p)
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(torch.autograd.grad(got, (f, p)), torch.autograd.grad(eager, (f, p))):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.skipif(os.environ.get("MDP_TRITON_COMPILE_CHECK") != "1",
                     reason="compiling for sm_90 takes minutes; set MDP_TRITON_COMPILE_CHECK=1")
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["bf16"])  # fp32 (IEEE, FMA dots) takes ~1 min per kernel
 def test_kernels_compile_for_sm90(dtype):
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

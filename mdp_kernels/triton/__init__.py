@@ -4,7 +4,11 @@
 On CUDA tensors they compile for the GPU; with ``TRITON_INTERPRET=1`` they run on CPU tensors
 through the Triton interpreter (the test suite's mode when there is no GPU).
 ``set_deterministic(False)`` (or ``MDP_TRITON_DETERMINISTIC=0``) switches the prototype
-gradients of ce_bwd / con_bwd to float atomics.
+gradients of ce_bwd / con_bwd to float atomics. The deterministic path is the default: it
+recomputes the logit tiles a second time (cheap tensor-core work for bf16/fp16), while the
+atomic path issues C x D float adds per pixel block; which is faster on a given GPU and
+shape is not measured yet (no GPU was available when these kernels were written).
+fp32 inputs use IEEE fp32 products (no TF32), as the 1e-5 accuracy contract requires.
 """
 from .. import dispatch
 from . import _launch

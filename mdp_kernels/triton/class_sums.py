@@ -55,7 +55,8 @@ def _class_sums_bwd(g_ptr, t_ptr, df_ptr, P, C, D, sdb, sdd, sdp,
     store_rows(df_ptr, g, b, p, p < P, D, sdb, sdd, sdp, BLOCK_D)
 
 
-_fwd = Kernel(_class_sums, [dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (64, 128) for bc in (16, 32, 64)],
+_fwd = Kernel(_class_sums,
+              [dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (64, 128) for bc in (16, 32, 64)],
               dict(BLOCK_P=64, BLOCK_C=64), key=["C", "D"])
 _bwd = Kernel(_class_sums_bwd, [dict(BLOCK_P=bp) for bp in (32, 64, 128)], dict(BLOCK_P=64),
               key=["D"])
