@@ -231,7 +231,7 @@ class Trainer:
         if self.key is not None:
             self.key.update(self.model)
         self.step += 1
-        metrics.update(step=self.step, loss=float(loss), lr=self.opt.param_groups[0]["lr"])
+        metrics.update(step=self.step, loss=float(loss.detach()), lr=self.opt.param_groups[0]["lr"])
         return metrics
 
     @torch.no_grad()
