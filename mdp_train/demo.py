@@ -75,7 +75,7 @@ def demo_config(root: str | Path, out: str | Path) -> dict:
     specs = write_demo_data(root)
     return config.load(None, [
         f"data.datasets={list(specs.values())}", "data.crop_size=64", "data.crop_scale=[0.5,1.0]",
-        "data.workers=0", "model.arch=resnet18", "model.width=32", "model.channels=64",
+        "data.workers=1", "model.arch=resnet18", "model.width=16", "model.channels=32",
         "model.dim=64", "model.momentum=0.99", "train.batch_size=8", "train.steps=300",
         "optim.lr=0.8", "optim.ref_batch=64", f"train.out={out}", "train.log_every=5",
         "train.save_every=100", "train.resume=null", "train.progress=false"])
@@ -88,7 +88,7 @@ def main(seconds: float = 120.0, out: str | None = None) -> Trainer:
         names = trainer.space.names
         print(f"label space: {len(names)} classes (voc/* at offset {trainer.space.offsets[0]}, "
               f"ade20k/* at offset {trainer.space.offsets[1]}), {len(trainer.data)} images")
-        print(f"ResNet-18 DeepLab-v3+ (width 32), batch 8, crops 64 px; training for "
+        print(f"ResNet-18 DeepLab-v3+ (width 16), batch 8, crops 64 px; training for "
               f"~{seconds:.0f} s on {trainer.device}")
         def show(m: dict) -> None:
             if m["step"] % 20 == 0:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 import mdp_kernels as mk
@@ -78,7 +77,7 @@ def _fixed_loss(tr, batch, protos, valid):
                                                 ignore_index=-1))
 
 
-@pytest.mark.parametrize("kind", ["mdp", "ce"])
+@pytest.mark.parametrize("kind", ["mdp", "ce", "pixel"])
 def test_one_step_decreases_loss_on_fixed_batch(tmp_path, kind):
     cfg = fx.tiny_config(tmp_path, tmp_path / "run", f"loss.kind={kind}", "mix.cutmix=0",
                          "mix.mixup=0", "optim.lr=0.05", "optim.momentum=0")
