@@ -91,7 +91,7 @@ def main(seconds: float = 120.0, out: str | None = None) -> Trainer:
         print(f"ResNet-18 DeepLab-v3+ (width 16), batch 8, crops 64 px; training for "
               f"~{seconds:.0f} s on {trainer.device}")
         def show(m: dict) -> None:
-            if m["step"] % 20 == 0:
+            if m["step"] % 10 == 0:
                 print(f"step {m['step']:4d}  loss {m['loss']:.4f}  class {m['class']:.4f}  "
                       f"con {m['con']:.4f}  lr {m['lr']:.4f}  {m['time']:.0f} s", flush=True)
 
