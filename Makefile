@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
-	$(PY) examples/quick_demo.py
+	$(PY) -m mdp_train demo
 
 clean:
 	rm -rf build *.egg-info mdp_kernels/*.so

@@ -56,6 +56,7 @@ setup(
     # torch is deliberately not a requirement: build and run against the installed one.
     install_requires=["numpy", "tqdm", "pyyaml", "pillow"],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"]},
+    entry_points={"console_scripts": ["mdp-train=mdp_train.cli:main"]},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},
 )

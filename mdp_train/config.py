@@ -1,0 +1,88 @@
+"""Pretraining configuration: nested defaults, YAML files and ``key=value`` overrides."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "data": {
+        "datasets": [],        # [{type: voc|ade20k|cityscapes|coco_stuff|folder, root, ..., remap}]
+        "unlabelled": [],      # [{type: images, root}]: pseudo-labelled (semi-supervised)
+        "crop_size": 224,
+        "crop_scale": [0.2, 1.0],
+        "workers": 4,
+    },
+    "model": {
+        "arch": "resnet50",
+        "output_stride": 16,
+        "width": 64,
+        "channels": 256,       # ASPP / decoder channels
+        "dim": 256,            # embedding size
+        "momentum": 0.999,     # key encoder EMA
+        "pretrained": None,    # torchvision-format ResNet checkpoint
+    },
+    "loss": {
+        "kind": "mdp",         # mdp | pixel (Eq. 1 baseline) | ce (concatenated-label CE)
+        "tau": 0.07,
+        "alpha": 0.2,
+        "tau_student": 0.07,
+        "tau_teacher": 0.04,
+        "bank_images": "auto",  # auto = half the labelled images
+        "threshold": 0.8,      # pseudo-label similarity threshold
+        "backend": "auto",
+    },
+    "mix": {"cutmix": 0.5, "mixup": 0.5},
+    "optim": {"lr": 0.8, "ref_batch": 128, "momentum": 0.9, "weight_decay": 4e-5},
+    "train": {
+        "batch_size": 128,     # global batch (split over ranks)
+        "epochs": 100,
+        "steps": None,         # overrides epochs when set
+        "seed": 0,
+        "amp": True,           # autocast (bfloat16) on GPU
+        "out": "runs/mdp",
+        "save_every": 1000,
+        "log_every": 10,
+        "resume": "auto",      # auto (out/checkpoint.pt if present) | a path | null
+        "progress": True,
+        "device": "auto",
+    },
+}
+
+
+def merge(base: dict, new: dict, where: str = "") -> dict:
+    """Recursive update of ``base`` by ``new``; unknown keys are errors."""
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        if k not in out:
+            raise KeyError(f"unknown config key {where + k!r}")
+        if isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = merge(out[k], v, f"{where}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def override(cfg: dict, item: str) -> dict:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"overrides are key=value, got {item!r}")
+    new: dict = {}
+    cur = new
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = yaml.safe_load(raw)
+    return merge(cfg, new)
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        with open(path) as f:
+            cfg = merge(cfg, yaml.safe_load(f) or {})
+    for item in overrides:
+        cfg = override(cfg, item)
+    return cfg
