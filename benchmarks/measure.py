@@ -21,7 +21,7 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2,
+def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 1,
                 min_reps: int = 3, max_reps: int = 50, budget_s: float = 1.0) -> tuple[float, int]:
     """Median wall time of ``fn()`` in seconds, and the number of timed repeats.
 
