@@ -202,6 +202,15 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
     case_list = PRESETS[preset]()
     bw = measure.copy_bandwidth(dev) if dev.type == "cuda" else None
     results = []
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{preset}-{dev.type}"
+    result = {"schema": SCHEMA, "preset": preset, "device": dev.type,
+              "env": measure.environment(dev), "copy_bandwidth_gbs": bw and bw / 1e9,
+              "memory_method": ("cuda max_memory_allocated delta after a warm-up"
+                                if dev.type == "cuda" else
+                                "VmHWM growth over one call in a fresh subprocess, after a "
+                                "warm-up call and a peak reset"),
+              "complete": False, "results": results}
     with tqdm(total=len(case_list) * (len(impls) + 1), desc=f"{preset} on {dev.type}",
               disable=quiet, file=sys.stderr) as bar:
         for case in case_list:
@@ -211,15 +220,9 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
                 row["bw_time_ms"] = 1e3 * row["bytes"] / bw
             row["ratios"] = ratios(row)
             results.append(row)
-    result = {"schema": SCHEMA, "preset": preset, "device": dev.type,
-              "env": measure.environment(dev), "copy_bandwidth_gbs": bw and bw / 1e9,
-              "memory_method": ("cuda max_memory_allocated delta after a warm-up"
-                                if dev.type == "cuda" else
-                                "VmHWM growth over one call in a fresh subprocess, after a "
-                                "warm-up call and a peak reset"),
-              "results": results}
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{preset}-{dev.type}"
+            # after every case, so that a long run cut short still leaves its figures
+            stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    result["complete"] = True
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     plot(result, stem.with_suffix(".png"))

@@ -20,6 +20,7 @@ def tiny(tmp_path_factory):
 def test_tiny_preset_schema(tiny):
     data = json.loads((tiny / "tiny-cpu.json").read_text())
     assert data["schema"] == run.SCHEMA and data["preset"] == "tiny" and data["device"] == "cpu"
+    assert data["complete"] is True
     env = data["env"]
     assert env["machine"]["cores"] >= 1 and env["machine"]["cpu"]
     assert env["versions"]["torch"] == torch.__version__
