@@ -1,0 +1,271 @@
+"""What is benchmarked: the ops, their inputs, every implementation that can run them, and
+the floor (the bare matrix products, or a copy, that any implementation must do).
+
+Shared by the pytest-benchmark suite (``benchmarks/test_ops.py``), the runner
+(``benchmarks/run.py``) and the fresh-process memory probe (``benchmarks/memprobe.py``), so
+all three time exactly the same work.
+
+Implementations (``impl``): ``reference`` (eager, ``backend="reference"``), ``compile``
+(``torch.compile`` of the reference), a kernel backend from ``dispatch`` (``cpu``,
+``triton``, ``cuda``: picked up as soon as it registers the op's kernel phases), and for
+the class loss the linear-cross-entropy competitors ``lce``
+(``torch.nn.functional.linear_cross_entropy``, chunked), ``liger`` (Liger-Kernel) and
+``cce`` (Cut Cross-Entropy) when importable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import mdp_kernels as mk
+from mdp_kernels import dispatch
+
+IGNORE = -1  # not 255: C = 342 or 2048 makes 255 a real class
+TAU = 0.07
+OPS = ("ce", "consistency", "pixel", "pool", "pseudo")
+KERNELS = ("cpu", "triton", "cuda")
+COMPETITORS = ("compile", "lce", "liger", "cce")
+IMPLS = ("reference",) + KERNELS + COMPETITORS
+# Kernel phases each op needs from a backend (see the contract in mdp_kernels.dispatch).
+PHASES = {
+    "ce": ("ce_fwd", "ce_bwd"),
+    "consistency": ("con_fwd", "con_bwd"),
+    "pixel": ("pix_fwd", "pix_bwd", "class_sums", "class_sums_bwd"),
+    "pool": ("class_sums", "class_sums_bwd"),
+    "pseudo": ("pseudo_label",),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark configuration.
+
+    ``ce``, ``consistency``, ``pseudo``: ``n`` pixels as an ``(N, D)`` matrix. ``pixel`` and
+    ``pool``: ``b`` images of ``hw x hw`` (per view), so ``n = b * hw**2``. ``grad2``: the
+    second operand (prototypes; keys for ``pixel``) requires grad in ``fwdbwd`` mode.
+    """
+    op: str
+    mode: str = "fwdbwd"  # "fwd" | "fwdbwd"
+    d: int = 256
+    c: int = 342
+    n: int = 0
+    b: int = 0
+    hw: int = 0
+    dtype: str = "float32"
+    grad2: bool = False
+
+    def __post_init__(self):
+        if self.op not in OPS or self.mode not in ("fwd", "fwdbwd"):
+            raise ValueError(f"bad case {self}")
+        if self.op == "pseudo" and self.mode != "fwd":
+            raise ValueError("pseudo-labels have no backward")
+        if self.op in ("pixel", "pool"):
+            object.__setattr__(self, "n", self.b * self.hw * self.hw)
+
+    @property
+    def backward(self) -> bool:
+        return self.mode == "fwdbwd"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def label(self) -> str:
+        if self.op in ("pixel", "pool"):
+            size = f"B={self.b} {self.hw}x{self.hw}"
+        else:
+            size = f"N={self.n}"
+        grad = " P.grad" if self.grad2 and self.backward and self.op != "pixel" else ""
+        grad = " k.grad" if self.grad2 and self.backward and self.op == "pixel" else grad
+        return f"{size} D={self.d} C={self.c} {self.dtype}{grad}"
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ inputs
+def make_inputs(case: Case, device, seed: int = 0) -> dict:
+    """Unit-norm random features/prototypes of ``case.dtype`` and labels with 10% ignored.
+
+    Leaves that the backward pass differentiates have ``requires_grad`` set.
+    """
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # on the device: 6.4M x 256 is big
+    dt, d, c, n = case.torch_dtype, case.d, case.c, case.n
+    bwd = case.backward
+
+    def unit(*shape, dim=-1, grad=False):
+        x = F.normalize(torch.randn(*shape, generator=g, device=device), dim=dim).to(dt)
+        return x.requires_grad_(grad)
+
+    def labels(*shape):
+        y = torch.randint(0, c, shape, generator=g, device=device)
+        y[torch.rand(shape, generator=g, device=device) < 0.1] = IGNORE
+        return y
+
+    if case.op in ("ce", "pseudo"):
+        return {"f": unit(n, d, grad=bwd), "p": unit(c, d, grad=bwd and case.grad2),
+                "y": labels(n)}
+    if case.op == "consistency":
+        return {"f": unit(n, d, grad=bwd), "t": unit(n, d), "p": unit(c, d, grad=bwd and case.grad2)}
+    shape = (case.b, d, case.hw, case.hw)
+    if case.op == "pool":
+        return {"f": unit(*shape, dim=1, grad=bwd), "y": labels(case.b, case.hw, case.hw)}
+    return {"f": unit(*shape, dim=1, grad=bwd), "y": labels(case.b, case.hw, case.hw),
+            "k": unit(*shape, dim=1, grad=bwd and case.grad2), "yk": labels(case.b, case.hw, case.hw)}
+
+
+# ------------------------------------------------------------------ implementations
+def _loss(case: Case, backend: str) -> Callable[[dict], torch.Tensor]:
+    """The op through the public API, reduced to a scalar (a tensor for pseudo-labels)."""
+    op, c = case.op, case.c
+    if op == "ce":
+        return lambda x: mk.prototype_contrast_loss(x["f"], x["p"], x["y"], tau=TAU,
+                                                    ignore_index=IGNORE, backend=backend)
+    if op == "consistency":
+        return lambda x: mk.prototype_consistency_loss(x["f"], x["t"], x["p"], backend=backend)
+    if op == "pixel":
+        return lambda x: mk.pixel_contrast_loss(x["f"], x["y"], x["k"], x["yk"], tau=TAU,
+                                                ignore_index=IGNORE, num_classes=c,
+                                                backend=backend)
+    if op == "pool":
+        return lambda x: mk.masked_average_pool(x["f"], x["y"], c, ignore_index=IGNORE,
+                                                backend=backend)[0].sum()
+    return lambda x: mk.pseudo_label(x["f"], x["p"], ignore_index=IGNORE, backend=backend)[0]
+
+
+def _lce(x):
+    # The chunked path (options set) is the memory-saving one; options=None materialises logits.
+    return F.linear_cross_entropy(x["f"], x["p"] / TAU, x["y"], ignore_index=IGNORE,
+                                  options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _liger(x):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(x["p"] / TAU, x["f"], x["y"])
+
+
+def _cce(x):
+    from cut_cross_entropy import linear_cross_entropy
+    return linear_cross_entropy(x["f"], x["p"] / TAU, x["y"], ignore_index=IGNORE)
+
+
+_EXTERNAL = {"lce": (_lce, None), "liger": (_liger, "liger_kernel"),
+             "cce": (_cce, "cut_cross_entropy")}
+
+
+def unavailable(case: Case, impl: str, device: torch.device) -> str | None:
+    """None if ``impl`` can run ``case`` on ``device``, else why not."""
+    device = torch.device(device)
+    if impl == "reference":
+        return None
+    if impl in KERNELS:
+        if impl == "triton" and device.type != "cuda":
+            return "triton runs on CPU only through its interpreter, whose timings mean nothing"
+        try:
+            dispatch.resolve(PHASES[case.op], impl, device)
+        except RuntimeError as exc:
+            return str(exc)
+        return None
+    if impl == "compile":
+        return "pseudo-labels have nothing to compile beyond one matmul" if case.op == "pseudo" else None
+    if impl not in _EXTERNAL:
+        raise ValueError(f"unknown impl {impl!r}")
+    if case.op != "ce":
+        return f"{impl} computes a plain linear cross-entropy (the class loss only)"
+    module = _EXTERNAL[impl][1]
+    if module is not None:
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed"
+        if device.type != "cuda":
+            return f"{module} needs a CUDA device"
+    elif not hasattr(F, "linear_cross_entropy"):
+        return "this torch has no torch.nn.functional.linear_cross_entropy"
+    return None
+
+
+def runner(case: Case, impl: str, x: dict) -> Callable[[], object]:
+    """A no-argument callable doing one forward (and backward, in ``fwdbwd`` mode)."""
+    if impl in _EXTERNAL:
+        loss = _EXTERNAL[impl][0]
+    elif impl == "compile":
+        torch._dynamo.reset()  # one fresh graph per case: shapes differ between cases
+        loss = torch.compile(_loss(case, "reference"), dynamic=False)
+    else:
+        loss = _loss(case, impl)
+    leaves = [t for t in x.values() if t.requires_grad]
+    if not case.backward:
+        return lambda: loss(x)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        loss(x).backward()
+    return step
+
+
+# ------------------------------------------------------------------ floor
+def floor(case: Case, x: dict) -> tuple[Callable[[], object], str]:
+    """The bare work every implementation must do, and a description of it.
+
+    Matrix products with logits Z = F @ P^T (N x C): forward 1 GEMM (2 for consistency:
+    student and teacher); backward dF = dZ @ P, plus dP = dZ^T @ F when the prototypes
+    require grad. Pixel-to-pixel: the same per image with keys in place of prototypes
+    (batched). Pooling does no GEMM: its floor is one streaming copy of the features per
+    pass (forward reads them, backward writes their gradient).
+    """
+    op, dev, dt = case.op, x["f"].device, case.torch_dtype
+    if op == "pool":
+        f = x["f"].detach()
+        passes = 2 if case.backward else 1
+        return (lambda: [f.clone() for _ in range(passes)]), f"{passes} copy of feats"
+    f = x["f"].detach()
+    if op == "pixel":
+        q = f.flatten(2).transpose(1, 2)  # (B, P, D)
+        k = x["k"].detach().flatten(2)    # (B, D, P)
+        dz = torch.randn(q.shape[0], q.shape[1], k.shape[2], device=dev, dtype=dt)
+        prods = [lambda: torch.bmm(q, k)]
+        if case.backward:
+            prods.append(lambda: torch.bmm(dz, k.transpose(1, 2)))
+            if case.grad2:
+                prods.append(lambda: torch.bmm(dz.transpose(1, 2), q))
+    else:
+        p = x["p"].detach()
+        dz = torch.randn(f.shape[0], p.shape[0], device=dev, dtype=dt) if case.backward else None
+        prods = [lambda: f @ p.t()]
+        if op == "consistency":
+            t = x["t"]
+            prods.append(lambda: t @ p.t())
+        if case.backward:
+            prods.append(lambda: dz @ p)
+            if case.grad2:
+                prods.append(lambda: dz.t() @ f)
+    return (lambda: [m() for m in prods]), f"{len(prods)} GEMM"
+
+
+def min_bytes(case: Case) -> int:
+    """Bytes a perfectly fused implementation must move: read each input once, write each
+    output once (per-pixel float32 statistics, int64 labels, gradients of the inputs'
+    dtype; the backward pass re-reads its inputs)."""
+    es = torch.tensor([], dtype=case.torch_dtype).element_size()
+    n, d, c = case.n, case.d, case.c
+    feats, protos = n * d * es, c * d * es
+    if case.op == "pool":
+        fwd = feats + n * 8 + case.b * c * d * 4
+        bwd = n * 8 + case.b * c * d * 4 + feats
+        return fwd + (bwd if case.backward else 0)
+    if case.op == "pseudo":
+        return feats + protos + n * 12
+    if case.op == "pixel":
+        fwd = 2 * feats + 2 * n * 8 + n * 4
+        bwd = 2 * feats + 2 * n * 8 + n * 4 + feats * (2 if case.grad2 else 1)
+        return fwd + (bwd if case.backward else 0)
+    reads = feats * (2 if case.op == "consistency" else 1) + protos
+    fwd = reads + n * 8 + 3 * n * 4
+    bwd = reads + n * 8 + n * 4 + feats + (c * d * 4 if case.grad2 else 0)
+    return fwd + (bwd if case.backward else 0)

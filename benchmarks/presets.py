@@ -1,0 +1,55 @@
+"""Benchmark presets: lists of cases. Sweeps over N and over C (other parameters fixed)
+become the plots; the acceptance configurations are the rows people quote."""
+from __future__ import annotations
+
+from .cases import Case
+
+
+def tiny() -> list[Case]:
+    """CI smoke run (seconds): every op once, a 2-point sweep in N and in C."""
+    ce = dict(op="ce", d=32)
+    return [
+        Case(**ce, n=4096, c=19), Case(**ce, n=16384, c=19), Case(**ce, n=4096, c=64, grad2=True),
+        Case(**ce, n=4096, c=64),
+        Case(op="consistency", n=4096, c=19, d=32),
+        Case(op="pixel", b=2, hw=16, c=19, d=32),
+        Case(op="pool", b=2, hw=32, c=19, d=32),
+        Case(op="pseudo", mode="fwd", n=4096, c=19, d=32),
+    ]
+
+
+def cpu_small() -> list[Case]:
+    """This machine, a few minutes. Contains the CPU acceptance configuration: fp32,
+    forward+backward, N = 65,536, D = 256, C = 342 and 2048, prototypes detached and
+    requiring grad."""
+    n = 65536
+    out = [Case(op="ce", n=n, c=c, grad2=g) for c in (342, 2048) for g in (False, True)]
+    out += [Case(op="ce", n=16384, c=342), Case(op="ce", n=n, c=19)]  # N and C sweeps
+    out += [Case(op="ce", mode="fwd", n=n, c=342)]
+    out += [Case(op="consistency", n=n, c=342, grad2=g) for g in (False, True)]
+    out += [Case(op="consistency", n=n, c=2048)]
+    out += [Case(op="pixel", b=8, hw=64, c=150)]
+    out += [Case(op="pool", b=8, hw=hw, c=342) for hw in (64, 128)]
+    out += [Case(op="pseudo", mode="fwd", n=n, c=c) for c in (342, 2048)]
+    return out
+
+
+def paper() -> list[Case]:
+    """GPU, the paper's sizes in bf16: N = 401,408 (128 images at 56x56), C = 342, D = 256;
+    N = 1.6M and 6.4M (112x112, 224x224); C = 1024."""
+    bf = dict(dtype="bfloat16")
+    n0, ns = 401408, (1605632, 6422528)
+    out = [Case(op="ce", n=n0, c=342, grad2=g, **bf) for g in (False, True)]
+    out += [Case(op="ce", mode="fwd", n=n0, c=342, **bf)]
+    out += [Case(op="ce", n=m, c=342, **bf) for m in ns]
+    out += [Case(op="ce", n=n0, c=1024, grad2=g, **bf) for g in (False, True)]
+    out += [Case(op="consistency", n=m, c=342, **bf) for m in (n0,) + ns]
+    out += [Case(op="consistency", n=n0, c=c, grad2=True, **bf) for c in (342, 1024)]
+    out += [Case(op="pixel", b=128, hw=hw, c=150, **bf) for hw in (28, 56)]
+    out += [Case(op="pool", b=128, hw=hw, c=342, **bf) for hw in (56, 112, 224)]
+    out += [Case(op="pseudo", mode="fwd", n=m, c=c, **bf) for m, c in ((n0, 342), (n0, 1024),
+                                                                       (ns[0], 342))]
+    return out
+
+
+PRESETS = {"tiny": tiny, "cpu-small": cpu_small, "paper": paper}
