@@ -1,0 +1,195 @@
+// Pixel-to-prototype cross-entropy (ce_fwd / ce_bwd) on CPU, streamed over pixel chunks.
+//
+// z_ik = f_i . P_k / tau + bias_k. Per chunk the kept pixels (ta >= 0 or tb >= 0) are
+// compacted, Z = F_chunk @ (P / tau)^T goes through BLAS into an L2-sized tile, and the
+// row reductions run on the tile. The backward recomputes the tile, turns it into dZ in
+// place and does dF = dZ @ (P / tau) and dP += dZ^T @ F_chunk (then / tau).
+#include <torch/library.h>
+
+#include "tiles.h"
+
+namespace mdp {
+namespace {
+
+// Pixels of chunk [p0, p0 + n) of image b that have a target; returns their count.
+inline int64_t kept(const int64_t* ta, const int64_t* tb, int64_t n, int64_t* idx) {
+  int64_t nv = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (ta[i] >= 0 || (tb != nullptr && tb[i] >= 0)) idx[nv++] = i;
+  return nv;
+}
+
+struct CeArgs {
+  at::Tensor feats, ps, bias;  // ps = protos / tau (C, D) acc; bias (C,) acc or undefined
+  const int64_t* ta;
+  const int64_t* tb;
+  int64_t B, D, P, C;
+};
+
+CeArgs ce_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+               const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+               double tau) {
+  check_bdp(feats, "feats");
+  check_protos(protos, feats);
+  const int64_t B = feats.size(0), P = feats.size(2), C = protos.size(0);
+  check_targets(ta, B, P);
+  if (tb.has_value()) check_targets(*tb, B, P);
+  if (bias.has_value()) check_1d(*bias, C, at::kFloat, "bias");
+  const auto acc = acc_scalar_type(feats.scalar_type());
+  return {feats, scaled_protos(protos, 1.0 / tau), acc_bias(bias, acc, false),
+          ta.const_data_ptr<int64_t>(), tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr,
+          B, feats.size(1), P, C};
+}
+
+template <typename T>
+void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb) {
+  using A = acc_t<T>;
+  const Chunks ch(a.B, a.P, tile_rows(a.C));
+  const auto opts = lse.options();
+  const at::Tensor pt = a.ps.t();
+  A* lse_p = lse.mutable_data_ptr<A>();
+  A* za_p = za.mutable_data_ptr<A>();
+  A* zb_p = zb.mutable_data_ptr<A>();
+  for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
+    auto tile = at::empty({ch.rows, a.C}, opts), buf = at::empty({ch.rows, a.D}, opts);
+    std::vector<int64_t> idx(ch.rows);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
+      const int64_t* ta = a.ta + off;
+      const int64_t* tb = a.tb ? a.tb + off : nullptr;
+      const int64_t nv = kept(ta, tb, n, idx.data());
+      if (nv == 0) continue;
+      auto z = tile.narrow(0, 0, nv);
+      at::mm_out(z, load_rows<T>(a.feats, b, p0, n, idx.data(), nv, buf), pt);
+      if (a.bias.defined()) z.add_(a.bias);
+      const A* zp = z.const_data_ptr<A>();
+      for (int64_t i = 0; i < nv; ++i) {
+        const int64_t p = idx[i];
+        if (ta[p] >= 0) za_p[off + p] = zp[i * a.C + ta[p]];
+        if (tb && tb[p] >= 0) zb_p[off + p] = zp[i * a.C + tb[p]];
+      }
+      auto m = at::amax(z, {1}, true);
+      auto l = z.sub_(m).exp_().sum({1}, true).log_().add_(m);
+      const A* lp = l.const_data_ptr<A>();
+      for (int64_t i = 0; i < nv; ++i) lse_p[off + idx[i]] = lp[i];
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
+  const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
+  const auto opts = feats.options().dtype(acc_scalar_type(feats.scalar_type()));
+  auto lse = at::zeros({a.B, a.P}, opts), za = at::zeros({a.B, a.P}, opts),
+       zb = at::zeros({a.B, a.P}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd",
+                                  [&] { ce_fwd_kernel<scalar_t>(a, lse, za, zb); });
+  return {lse, za, zb};
+}
+
+template <typename T>
+void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g_za,
+                   const c10::optional<at::Tensor>& g_zb, const at::Tensor& lse,
+                   at::Tensor* dfeats, at::Tensor* dprotos) {
+  using A = acc_t<T>;
+  const Chunks ch(a.B, a.P, tile_rows(a.C));
+  const auto opts = lse.options();
+  const at::Tensor pt = a.ps.t();
+  const A* gl = g_lse.const_data_ptr<A>();
+  const A* ga = g_za.const_data_ptr<A>();
+  const A* gb = g_zb.has_value() ? g_zb->const_data_ptr<A>() : nullptr;
+  const A* lp = lse.const_data_ptr<A>();
+  const bool direct = dfeats && std::is_same<T, A>::value;  // dF straight into the output
+  const int64_t parts = num_parts(ch.count);
+  std::vector<at::Tensor> dps(dprotos ? parts : 0);
+  for_parts(ch.count, parts, [&](int64_t part, int64_t g0, int64_t g1) {
+    auto tile = at::empty({ch.rows, a.C}, opts), buf = at::empty({ch.rows, a.D}, opts),
+         dbuf = at::empty({ch.rows, a.D}, opts), col = at::empty({ch.rows}, opts),
+         gcol = at::empty({ch.rows}, opts);
+    at::Tensor dp;
+    if (dprotos) dp = dps[part] = at::zeros({a.C, a.D}, opts);
+    std::vector<int64_t> idx(ch.rows);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
+      const int64_t* ta = a.ta + off;
+      const int64_t* tb = a.tb ? a.tb + off : nullptr;
+      const int64_t nv = kept(ta, tb, n, idx.data());
+      if (nv == 0) {
+        if (dfeats) store_rows<T>(*dfeats, b, p0, n, idx.data(), 0, dbuf);
+        continue;
+      }
+      auto f = load_rows<T>(a.feats, b, p0, n, idx.data(), nv, buf);
+      auto z = tile.narrow(0, 0, nv);
+      at::mm_out(z, f, pt);
+      if (a.bias.defined()) z.add_(a.bias);
+      // dz = g_lse * softmax(z) + g_za [k = ta] + g_zb [k = tb]
+      z.sub_(gather_col(lp + off, idx.data(), nv, col)).exp_();
+      z.mul_(gather_col(gl + off, idx.data(), nv, gcol));
+      A* zp = z.mutable_data_ptr<A>();
+      for (int64_t i = 0; i < nv; ++i) {
+        const int64_t p = idx[i];
+        if (ta[p] >= 0) zp[i * a.C + ta[p]] += ga[off + p];
+        if (tb && tb[p] >= 0) zp[i * a.C + tb[p]] += gb[off + p];
+      }
+      if (dfeats) {
+        if (direct && nv == n) {
+          auto o = out_rows(*dfeats, b, p0, n);
+          at::mm_out(o, z, a.ps);
+        } else {
+          auto d = dbuf.narrow(0, 0, nv);
+          at::mm_out(d, z, a.ps);
+          store_rows<T>(*dfeats, b, p0, n, idx.data(), nv, d);
+        }
+      }
+      if (dprotos) dp.addmm_(z.t(), f);
+    }
+  });
+  if (dprotos) *dprotos = reduce_parts(dps);
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_bwd(
+    const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, double tau, bool need_feats, bool need_protos) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
+  const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
+  const auto acc = acc_scalar_type(feats.scalar_type());
+  check_bp(lse, a.B, a.P, acc, "lse");
+  const auto gl = g_lse.contiguous(), ga = g_za.contiguous();
+  check_bp(gl, a.B, a.P, acc, "g_lse");
+  check_bp(ga, a.B, a.P, acc, "g_za");
+  c10::optional<at::Tensor> gb;
+  if (g_zb.has_value()) {
+    gb = g_zb->contiguous();
+    check_bp(*gb, a.B, a.P, acc, "g_zb");
+  }
+  TORCH_CHECK(gb.has_value() == tb.has_value(), "g_zb must be given exactly when tb is");
+  at::Tensor df, dp;
+  if (need_feats) df = empty_like_bdp(feats);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_bwd", [&] {
+    ce_bwd_kernel<scalar_t>(a, gl, ga, gb, lse.contiguous(), need_feats ? &df : nullptr,
+                            need_protos ? &dp : nullptr);
+  });
+  if (need_protos) dp = dp.mul_(1.0 / tau).to(protos.scalar_type());
+  return {df, dp};  // undefined (None) when not needed
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
+  m.def("ce_fwd(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, float tau)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("ce_bwd(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor feats, Tensor protos, "
+        "Tensor ta, Tensor? tb, Tensor? bias, Tensor lse, float tau, bool need_feats, "
+        "bool need_protos) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
+  m.impl("ce_fwd", &ce_fwd);
+  m.impl("ce_bwd", &ce_bwd);
+}
+
+}  // namespace mdp

@@ -1,0 +1,117 @@
+"""CPU kernels only: chunk-size invariance, run-to-run determinism, skipped pixels, bank."""
+import pytest
+import torch
+
+import mdp_kernels as mk
+from conftest import require
+from helpers import make_case, rel_err, unit
+
+ALL_OPS = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "pseudo_label",
+           "bank_slot", "bank_prototypes")
+
+
+@pytest.fixture(autouse=True)
+def _cpu():
+    require("cpu", ALL_OPS)
+
+
+def outputs(c=37):
+    """Every differentiable fused op on one odd-shaped case (B=2, 13x11 pixels, C=c):
+    losses ("none") and gradients, with ignored pixels, a class mask and mixing."""
+    torch.manual_seed(c)
+    f, p, y = make_case(2, 24, c, (13, 11))
+    g = unit(f + 0.3 * torch.randn_like(f))
+    yb = torch.randint(0, c, y.shape)
+    cm = torch.rand(c) > 0.2
+    cm[y[0, 0, 0] % c] = cm[0] = True
+    res = []
+    for name, fn in (
+        ("ce", lambda f, p: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.3,
+                                                       class_mask=cm, reduction="none",
+                                                       backend="cpu")),
+        ("con", lambda f, p: mk.prototype_consistency_loss(f, g, p, kind="kl", class_mask=cm,
+                                                           reduction="none", backend="cpu")),
+        ("pix", lambda f, p: mk.pixel_contrast_loss(f, y, g, yb, num_classes=c,
+                                                    reduction="none", backend="cpu")),
+    ):
+        fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_()
+        loss = fn(fr, pr)
+        w = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
+        (loss * w).sum().backward()
+        res += [(name, loss.detach()), (name + ".df", fr.grad),
+                (name + ".dp", pr.grad if pr.grad is not None else torch.zeros(1))]
+    res += list(zip(("pl.labels", "pl.scores"), mk.pseudo_label(f, p, threshold=0.2,
+                                                                  class_mask=cm, backend="cpu")))
+    return res
+
+
+@pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
+def test_chunk_size_invariance(monkeypatch, rows):
+    base = outputs()
+    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
+    for (name, a), (_, b) in zip(outputs(), base):
+        if a.dtype == torch.int64:
+            assert torch.equal(a, b), name
+        else:
+            assert rel_err(a, b) <= 1e-6, f"{name}: {rel_err(a, b):.3g}"
+
+
+def test_bad_tile_rows_env(monkeypatch):
+    monkeypatch.setenv("MDP_CPU_TILE_ROWS", "0")
+    f, p, y = make_case(1, 8, 5, (3, 3))
+    with pytest.raises(RuntimeError, match="MDP_CPU_TILE_ROWS"):
+        mk.prototype_contrast_loss(f, p, y, backend="cpu")
+
+
+def test_two_runs_identical():
+    first = outputs(150)
+    for (name, a), (_, b) in zip(outputs(150), first):
+        assert torch.equal(a, b), name
+
+
+def test_skipped_pixels_are_exactly_zero():
+    """Pixels with no target (CE), masked-out pixels (consistency) and invalid queries / keys
+    (pixel-to-pixel) get exactly 0 outputs and 0 gradients: they are compacted away before
+    the tile products rather than computed and multiplied by 0."""
+    ops = torch.ops.mdp_cpu
+    f, p, y = make_case(2, 16, 9, (6, 7))
+    f3 = f.flatten(2)
+    ta = torch.where(y == 255, -1, y).flatten(1).contiguous()
+    skip = ta < 0
+    assert skip.any() and not skip.all()
+    lse, za, zb = ops.ce_fwd(f3, p, ta, None, None, 0.1)
+    assert (lse[skip] == 0).all() and (za[skip] == 0).all() and (lse[~skip] != 0).all()
+    g = torch.rand_like(lse) + 0.5
+    df, dp = ops.ce_bwd(g, -g, None, f3, p, ta, None, None, lse, 0.1, True, True)
+    assert (df.permute(0, 2, 1)[skip] == 0).all() and (df.permute(0, 2, 1)[~skip] != 0).all()
+    mask = ~skip
+    out = ops.con_fwd(f3, f3.flip(1), p, None, mask, 0.1, 0.05)
+    assert all((o[skip] == 0).all() for o in out)
+    ds, _ = ops.con_bwd(g, f3, f3.flip(1), p, None, mask, out[2], out[3], 0.1, 0.05, True, False)
+    assert (ds.permute(0, 2, 1)[skip] == 0).all() and (ds.permute(0, 2, 1)[mask] != 0).all()
+    plse = ops.pix_fwd(f3, f3.flip(1), mask, mask, 0.1)
+    assert (plse[skip] == 0).all() and (plse[mask] != 0).all()
+    dq, dk = ops.pix_bwd(g, f3, f3.flip(1), mask, mask, plse, 0.1, True, True)
+    for d in (dq, dk):
+        assert (d.permute(0, 2, 1)[skip] == 0).all() and (d.permute(0, 2, 1)[mask] != 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bank_kernels_match_reference(dtype, normalize):
+    b, c, d, k = 3, 7, 5, 4
+    counts = torch.randint(0, 4, (b, c))
+    counts[:, 2] = 0  # a class no image contains
+    sums = torch.randn(b, c, d, dtype=dtype) * counts.unsqueeze(-1)
+    s, n = torch.ops.mdp_cpu.bank_slot(sums, counts)
+    rs, rn = mk.reference.bank_slot(sums.double(), counts)
+    assert s.dtype == dtype and n.dtype == dtype
+    assert rel_err(s, rs) <= 1e-6 and torch.equal(n.double(), rn)
+    slots_s = torch.randn(k, c, d, dtype=dtype)
+    slots_n = torch.randint(0, 3, (k, c)).to(dtype)
+    slots_n[:, 4] = 0
+    slots_s[:, 4] = 0
+    P, valid = torch.ops.mdp_cpu.bank_prototypes(slots_s, slots_n, normalize)
+    rP, rvalid = mk.reference.bank_prototypes(slots_s.double(), slots_n.double(), normalize)
+    assert torch.equal(valid, rvalid) and not valid[4] and not P[4].any()
+    assert rel_err(P, rP) <= 1e-6
