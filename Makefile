@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.mdp-installed
+# ninja (installed into the venv) must be on PATH for parallel, incremental extension builds.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: install test demo bench clean
