@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mdp-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean check-cuda
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Compiles csrc/cuda/*.cu with nvcc for sm_80 and sm_90 without a GPU (skips without nvcc).
+check-cuda: $(STAMP)
+	$(PY) tools/check_cuda.py -j 2
 
 demo: $(STAMP)
 	$(PY) examples/quick_demo.py
