@@ -39,7 +39,7 @@ inline bool deterministic() {
 // its header, ATen/cuda/CUDAContext.h, also needs the cuBLAS/cuSPARSE headers).
 inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Strided (B, D, P) feature tensor; element (g, d) of pixel g = b * P + p.
 template <typename T> struct Feats {
