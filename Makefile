@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # Compiles csrc/cuda/*.cu with nvcc for sm_80 and sm_90 without a GPU (skips without nvcc).
+# Several minutes on 2 cores, so `make test` compiles one file (tests/test_cuda_build.py).
 check-cuda: $(STAMP)
 	$(PY) tools/check_cuda.py -j 2
 

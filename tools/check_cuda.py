@@ -5,7 +5,7 @@ Each file is compiled (``nvcc -c``, into a temporary directory) with the flags t
 installed PyTorch's headers. Files compile in parallel (``-j``, default 2). Without nvcc
 it prints why it skips and exits 0.
 
-    python tools/check_cuda.py [-j N] [files.cu ...]
+    python tools/check_cuda.py [-j N] [--archs 80,90] [files.cu ...]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHS = ("80", "90")
+ARCHS = ("80", "90")  # sm_80 (A100) and sm_90 (H100 / H200)
 
 
 def find_nvcc() -> str | None:
@@ -31,7 +31,7 @@ def find_nvcc() -> str | None:
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
-def nvcc_flags(nvcc: str) -> list[str]:
+def nvcc_flags(nvcc: str, archs=ARCHS) -> list[str]:
     """What cpp_extension passes to nvcc for a CUDAExtension, for ARCHS."""
     import torch
     from torch.utils import cpp_extension as ext
@@ -51,7 +51,7 @@ def nvcc_flags(nvcc: str) -> list[str]:
         includes_defs = ["-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE"]
     else:
         includes_defs = []
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     return (["-std=c++17", "-O3", "-lineinfo", "--compiler-options", "-fPIC",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H",
              "-DTORCH_EXTENSION_NAME=_C", "-DMDP_WITH_CUDA"] + includes_defs + ext.COMMON_NVCC_FLAGS + gencode
@@ -61,6 +61,7 @@ def nvcc_flags(nvcc: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-j", "--jobs", type=int, default=2)
+    ap.add_argument("--archs", default=",".join(ARCHS), help="compute capabilities, e.g. 80,90")
     ap.add_argument("files", nargs="*")
     args = ap.parse_args(argv)
     files = args.files or sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
         print("check-cuda: no .cu files")
         return 0
     start = time.time()
-    flags = nvcc_flags(nvcc)
+    archs = args.archs.split(",")
+    flags = nvcc_flags(nvcc, archs)
     with tempfile.TemporaryDirectory(prefix="mdp-check-cuda-") as tmp:
         def compile_one(src):
             t0 = time.time()
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
         if r.returncode != 0:
             failed += 1
             sys.stdout.write(r.stdout + r.stderr)
-    print(f"check-cuda: {len(files) - failed}/{len(files)} compiled for sm_{', sm_'.join(ARCHS)} "
+    print(f"check-cuda: {len(files) - failed}/{len(files)} compiled for sm_{', sm_'.join(archs)} "
           f"in {time.time() - start:.0f} s with {nvcc}")
     return 1 if failed else 0
 
