@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean check-cuda
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -25,6 +25,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Compiles csrc/cuda/*.cu with nvcc for sm_80 and sm_90 without a GPU (skips without nvcc).
+# Several minutes on 2 cores, so `make test` compiles one file (tests/test_cuda_build.py).
+check-cuda: $(STAMP)
+	$(PY) tools/check_cuda.py -j 2
 
 demo: $(STAMP)
 	$(PY) -m mdp_train demo

@@ -38,8 +38,7 @@ if skip is None:
     ext = CUDAExtension(
         "mdp_kernels._C", sources + cuda_sources,
         define_macros=[("MDP_WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
-                                                       "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
         extra_link_args=["-fopenmp"])
 else:
     print(f"mdp-kernels: building the CPU kernels only, not the CUDA kernels: {skip}")
