@@ -22,9 +22,14 @@ def test_matches_reference(backend, c):
                                        **{k: v.to(device) for k, v in kw.items()})
         assert got_l.shape == (2, 7, 9) and got_l.dtype == torch.int64
         torch.testing.assert_close(got_s.cpu(), ref_s, rtol=1e-5, atol=1e-6)
-        # where the top two scores are closer than the fp32 error, either label is right
-        close = (ref_s - got_s.cpu().double()).abs() > 1e-5
-        assert torch.equal(got_l.cpu()[~close], ref_l[~close])
+        # where the top two reference scores are closer than the fp32 error, either is right
+        sims = torch.einsum("bdhw,cd->bhwc", f.double(), p.double())
+        if "class_mask" in kw:
+            sims = sims.masked_fill(~cm, float("-inf"))
+        top = sims.topk(min(2, c), dim=-1).values
+        near_tie = (top[..., 0] - top[..., -1] < 1e-5) if c > 1 else torch.zeros_like(ref_s, dtype=torch.bool)
+        assert torch.equal(got_l.cpu()[~near_tie], ref_l[~near_tie])
+        assert (~near_tie).float().mean() > 0.9  # the comparison covers nearly every pixel
 
 
 def test_ties_take_lowest_index_and_threshold(backend):
