@@ -1,0 +1,227 @@
+"""A small real-data reproduction of the paper's claims on CamVid (``make experiment``).
+
+Pretraining (label spaces concatenated, nothing mapped by hand):
+  A = drive 0016E5 with CamVid's 11 classes, B = drive 0006R0 relabelled to 7 coarse classes
+  (``configs/camvid_coarse.txt``); U = drive 0006R0's images without labels.
+Downstream: fine-tune DeepLab-v3+ on drive 0001TP ``train_*`` (62 frames), 11-class mIoU on
+its ``test_*`` frames (62), the same budget for every arm.
+
+Arms: scratch; MDP on A+B; MDP on A; MDP without mixing; MDP without consistency;
+pixel-to-pixel contrast on A+B; concatenated-label cross-entropy on A+B; MDP semi-supervised
+(A+B+U). Every (arm, seed) writes ``<out>/<arm>/seed<k>/finetune/result.json``; those that
+exist are skipped, and an interrupted pretraining resumes from its checkpoint, so the driver
+can be stopped and started again. ``--quick`` is a tiny smoke budget (one seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import config
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "camvid"
+
+ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
+    "scratch": ("scratch (random init)", None, ""),
+    "mdp": ("MDP, A+B", [], "AB"),
+    "mdp_a": ("MDP, A only", [], "A"),
+    "mdp_nomix": ("MDP w/o mixing, A+B", ["mix.cutmix=0", "mix.mixup=0"], "AB"),
+    "mdp_nocon": ("MDP w/o consistency, A+B", ["loss.alpha=0"], "AB"),
+    "pixel": ("pixel-to-pixel, A+B", ["loss.kind=pixel", "mix.mixup=0"], "AB"),
+    "ce": ("concatenated-label CE, A+B", ["loss.kind=ce"], "AB"),
+    "mdp_semi": ("MDP semi-supervised, A+B+U", [], "ABU"),
+}
+
+# Model and step budgets. "full" is sized for about two hours on a 2-core CPU.
+BUDGETS = {
+    "full": {"model": {"arch": "resnet18", "width": 32, "channels": 64, "dim": 64},
+             "pretrain": {"steps": 200, "batch": 16, "crop": 96},
+             "finetune": {"steps": 300, "batch": 8, "crop": [96, 128], "lr": 0.02},
+             "seeds": 3},
+    "quick": {"model": {"arch": "resnet18", "width": 8, "channels": 16, "dim": 16},
+              "pretrain": {"steps": 3, "batch": 8, "crop": 64},
+              "finetune": {"steps": 4, "batch": 4, "crop": [64, 96], "lr": 0.02},
+              "seeds": 1},
+}
+
+
+def pretrain_config(data: Path, arm: str, budget: dict, seed: int, out: Path) -> dict:
+    m, p = budget["model"], budget["pretrain"]
+    _, extra, sets = ARMS[arm]
+    specs = [{"type": "folder", "root": str(data), "subsets": ["0016E5"], "name": "A"}]
+    if "B" in sets:
+        specs.append({"type": "folder", "root": str(data), "subsets": ["0006R0"], "name": "B",
+                      "remap": str(REPO / "configs" / "camvid_coarse.txt")})
+    unl = ([{"type": "images", "root": str(data / "0006R0" / "images"), "name": "U"}]
+           if "U" in sets else [])
+    return config.load(None, [
+        f"data.datasets={json.dumps(specs)}", f"data.unlabelled={json.dumps(unl)}",
+        f"data.crop_size={p['crop']}", "data.workers=1",
+        f"model.arch={m['arch']}", f"model.width={m['width']}",
+        f"model.channels={m['channels']}", f"model.dim={m['dim']}", "model.momentum=0.99",
+        f"train.batch_size={p['batch']}", f"train.steps={p['steps']}", f"train.seed={seed}",
+        "optim.lr=0.8", "optim.ref_batch=128", f"train.out={out}", "train.log_every=10",
+        f"train.save_every={max(1, p['steps'] // 4)}", "train.resume=auto",
+        "train.progress=true", *extra])
+
+
+def finetune_opts(data: Path, budget: dict, seed: int, init: Path | None, out: Path) -> dict:
+    m, f = budget["model"], budget["finetune"]
+    return {"data": str(data), "subsets": ["0001TP"], "prefix": "train_",
+            "eval_prefix": "test_", "init": str(init) if init else None, "scope": "all",
+            "freeze_backbone": False, "arch": m["arch"], "output_stride": 16,
+            "width": m["width"], "channels": m["channels"], "steps": f["steps"],
+            "batch_size": f["batch"], "lr": f["lr"], "crop": f["crop"], "scale": [0.4, 0.7],
+            "eval_scale": 0.5, "seed": seed, "out": str(out), "progress": True}
+
+
+def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
+    """Pretrain (resuming) and fine-tune one (arm, seed) unless its result exists."""
+    from .finetune import finetune
+    from .trainer import Trainer
+    run = root / arm / f"seed{seed}"
+    done = run / "finetune" / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    init, pre_s = None, 0.0
+    if ARMS[arm][1] is not None:
+        cfg = pretrain_config(data, arm, budget, seed, run / "pretrain")
+        t0 = time.time()
+        trainer = Trainer(cfg)
+        trainer.fit()
+        pre_s = time.time() - t0
+        init = run / "pretrain" / "checkpoint.pt"
+        del trainer
+    res = finetune(finetune_opts(data, budget, seed, init, run / "finetune"))
+    res["pretrain_seconds"] = pre_s
+    (run / "finetune" / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Path,
+              wall: float) -> str:
+    """Markdown table (mean +- sample std over seeds, gain over scratch) and a bar chart."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, means, stds, labels = [], [], [], []
+    base = np.mean([r["miou"] for r in results.get("scratch", [])]) if results.get("scratch") else math.nan
+    for arm, rs in results.items():
+        v = 100 * np.array([r["miou"] for r in rs])
+        mu = float(v.mean())
+        sd = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+        gain = mu - 100 * base
+        pre = np.mean([r["pretrain_seconds"] for r in rs])
+        fin = np.mean([r["train_seconds"] for r in rs])
+        rows.append(f"| {ARMS[arm][0]} | {mu:.2f} +- {sd:.2f} | {gain:+.2f} | "
+                    f"{', '.join(f'{x:.2f}' for x in v)} | {pre:.0f} | {fin:.0f} |")
+        means.append(mu), stds.append(0 if math.isnan(sd) else sd), labels.append(ARMS[arm][0])
+    m, p, f = budget["model"], budget["pretrain"], budget["finetune"]
+    md = [f"# CamVid: multi-dataset pretraining -> 0001TP fine-tuning ({name})", "",
+          f"Model: {m['arch']} (width {m['width']}) DeepLab-v3+ (output stride 16, "
+          f"{m['channels']} decoder channels), {m['dim']}-d embeddings. Pretraining: "
+          f"{p['steps']} steps x batch {p['batch']}, {p['crop']} px square crops "
+          f"(A = 0016E5, 305 frames, 11 classes; B = 0006R0, 101 frames, 7 coarse classes; "
+          f"U = 0006R0 without labels). Fine-tuning: {f['steps']} steps x batch {f['batch']}, "
+          f"{f['crop'][0]}x{f['crop'][1]} crops at 0.4-0.7 scale, SGD lr {f['lr']} poly, on the "
+          f"62 `train_*` frames of 0001TP; mIoU (11 classes, MMSegmentation way) on its 62 "
+          f"`test_*` frames at 0.5 scale. Seeds per arm: {len(next(iter(results.values())))}. "
+          f"Total wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
+          "| arm | mIoU (%) mean +- std | vs scratch | per seed | pretrain s | finetune s |",
+          "| --- | ---: | ---: | --- | ---: | ---: |", *rows, ""]
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
+    ax.bar(range(len(means)), means, yerr=stds, capsize=3,
+           color=["0.6"] + ["C0"] * (len(means) - 1))
+    ax.set_xticks(range(len(means)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("0001TP test mIoU (%)")
+    ax.set_title(f"CamVid downstream mIoU ({name})", fontsize=9)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    out_md.write_text("\n".join(md) + "\n")
+    return "\n".join(md)
+
+
+def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
+    """Time ``steps`` pretraining steps (MDP, A+B+U: the costliest arm) and fine-tuning steps
+    of ``budget``'s model; extrapolate the whole table."""
+    from .finetune import finetune
+    from .trainer import Trainer
+    cfg = pretrain_config(data, "mdp_semi", budget, 0, root / "estimate-pretrain")
+    cfg["train"]["resume"] = None
+    tr = Trainer(cfg)
+    tr.fit(max_steps=1)  # warm-up (first batch, allocations)
+    t0 = time.time()
+    tr.fit(max_steps=1 + steps)
+    tp = (time.time() - t0) / steps
+    b = dict(budget, finetune=dict(budget["finetune"], steps=steps + 1))
+    res = finetune(dict(finetune_opts(data, b, 0, None, root / "estimate-finetune"),
+                        eval_prefix=None))
+    tf = res["train_seconds"] / (steps + 1)
+    t0 = time.time()
+    from .finetune import evaluate, load_segnet, preload, split_dataset
+    model, _, _ = load_segnet(root / "estimate-finetune" / "model.pt")
+    evaluate(model, preload(split_dataset(data, ["0001TP"], "test_")), 11, 0.5, False)
+    te = time.time() - t0
+    n_pre = sum(1 for a in ARMS.values() if a[1] is not None) * budget["seeds"]
+    n_fin = len(ARMS) * budget["seeds"]
+    total = n_pre * budget["pretrain"]["steps"] * tp + n_fin * (
+        budget["finetune"]["steps"] * tf + te)
+    return {"pretrain_s_per_step": tp, "finetune_s_per_step": tf, "eval_s": te,
+            "pretrain_runs": n_pre, "finetune_runs": n_fin, "total_minutes": total / 60}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mdp_train.experiment", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("MDP_CAMVID", str(DEFAULT_DATA)),
+                    help="CamVid root (default ../shared/data/camvid from the repo, or "
+                         "$MDP_CAMVID)")
+    ap.add_argument("--quick", action="store_true", help="tiny smoke budget, one seed")
+    ap.add_argument("--out", help="run folder (default out/camvid-full or out/camvid-quick)")
+    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
+                    help="where camvid.md/.png (camvid-quick.* with --quick) go")
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", type=int, help="override the number of seeds")
+    ap.add_argument("--estimate", type=int, metavar="STEPS",
+                    help="only time STEPS steps of the budget and print the full-run estimate")
+    args = ap.parse_args(argv)
+    name = "quick" if args.quick else "full"
+    budget = dict(BUDGETS[name])
+    if args.seeds:
+        budget["seeds"] = args.seeds
+    data = Path(args.data)
+    if not (data / "classes.txt").is_file():
+        raise SystemExit(f"no CamVid at {data} (see its README; set --data or MDP_CAMVID)")
+    root = Path(args.out or REPO / "out" / f"camvid-{name}")
+    if args.estimate:
+        est = estimate(data, budget, args.estimate, root)
+        print(json.dumps(est, indent=1))
+        return
+    start = time.time()
+    results: dict = {}
+    for seed in range(budget["seeds"]):
+        for arm in args.arms:
+            print(f"== {arm} seed {seed} ==", flush=True)
+            r = run_arm(data, arm, budget, seed, root)
+            print(f"   mIoU {100 * r['miou']:.2f}", flush=True)
+            results.setdefault(arm, []).append(r)
+    suffix = "-quick" if args.quick else ""
+    res_dir = Path(args.results)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    print(summarise({a: results[a] for a in args.arms}, budget,
+                    "SMOKE RUN, tiny budget: not a reproduction" if args.quick else
+                    "full budget", res_dir / f"camvid{suffix}.md",
+                    res_dir / f"camvid{suffix}.png", time.time() - start))
+
+
+if __name__ == "__main__":
+    main()
