@@ -7,14 +7,14 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.mdp-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test demo clean
+.PHONY: install test demo experiment clean
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q triton numpy pytest pytest-benchmark ninja "setuptools>=64" wheel tqdm pyyaml pillow
+	$(PIP) install -q triton numpy pytest pytest-benchmark ninja "setuptools>=64" wheel tqdm pyyaml pillow matplotlib
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m mdp_train demo
+
+# CamVid reproduction (benchmarks/results/camvid.md, ~2 h on 2 CPU cores; resumable).
+# Smoke run: make experiment ARGS=--quick (writes camvid-quick.md instead).
+experiment: $(STAMP)
+	$(PY) -m mdp_train.experiment $(ARGS)
 
 clean:
 	rm -rf build *.egg-info mdp_kernels/*.so

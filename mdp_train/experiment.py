@@ -9,8 +9,9 @@ its ``test_*`` frames (62), the same budget for every arm.
 Arms: scratch; MDP on A+B; MDP on A; MDP without mixing; MDP without consistency;
 pixel-to-pixel contrast on A+B; concatenated-label cross-entropy on A+B; MDP semi-supervised
 (A+B+U). Every (arm, seed) writes ``<out>/<arm>/seed<k>/finetune/result.json``; those that
-exist are skipped, and an interrupted pretraining resumes from its checkpoint, so the driver
-can be stopped and started again. ``--quick`` is a tiny smoke budget (one seed).
+exist are skipped, finished pretrainings (``<out>/<arm>/pretrain-seed<p>/done.json``) are
+reused and an interrupted one resumes from its checkpoint, so the driver can be stopped and
+started again. ``--quick`` is a tiny smoke budget (one seed).
 """
 from __future__ import annotations
 
@@ -39,16 +40,18 @@ ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
     "mdp_semi": ("MDP semi-supervised, A+B+U", [], "ABU"),
 }
 
-# Model and step budgets. "full" is sized for about two hours on a 2-core CPU.
+# Model and step budgets. "full" is sized for about two hours on a quiet 2-core CPU: one
+# pretraining per arm (``pretrain_seeds``), fine-tuned with ``seeds`` seeds (fine-tuning seed
+# k starts from pretraining seed k % pretrain_seeds).
 BUDGETS = {
     "full": {"model": {"arch": "resnet18", "width": 32, "channels": 64, "dim": 64},
-             "pretrain": {"steps": 200, "batch": 16, "crop": 96},
-             "finetune": {"steps": 300, "batch": 8, "crop": [96, 128], "lr": 0.02},
-             "seeds": 3},
+             "pretrain": {"steps": 150, "batch": 16, "crop": 96},
+             "finetune": {"steps": 200, "batch": 8, "crop": [96, 128], "lr": 0.02},
+             "seeds": 3, "pretrain_seeds": 1},
     "quick": {"model": {"arch": "resnet18", "width": 8, "channels": 16, "dim": 16},
               "pretrain": {"steps": 3, "batch": 8, "crop": 64},
               "finetune": {"steps": 4, "batch": 4, "crop": [64, 96], "lr": 0.02},
-              "seeds": 1},
+              "seeds": 1, "pretrain_seeds": 1},
 }
 
 
@@ -86,22 +89,24 @@ def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
     """Pretrain (resuming) and fine-tune one (arm, seed) unless its result exists."""
     from .finetune import finetune
     from .trainer import Trainer
-    run = root / arm / f"seed{seed}"
-    done = run / "finetune" / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    run = root / arm / f"seed{seed}" / "finetune"
+    if (run / "result.json").is_file():
+        return json.loads((run / "result.json").read_text())
     init, pre_s = None, 0.0
     if ARMS[arm][1] is not None:
-        cfg = pretrain_config(data, arm, budget, seed, run / "pretrain")
-        t0 = time.time()
-        trainer = Trainer(cfg)
-        trainer.fit()
-        pre_s = time.time() - t0
-        init = run / "pretrain" / "checkpoint.pt"
-        del trainer
-    res = finetune(finetune_opts(data, budget, seed, init, run / "finetune"))
+        ps = seed % budget["pretrain_seeds"]
+        pre = root / arm / f"pretrain-seed{ps}"
+        init = pre / "checkpoint.pt"
+        if (pre / "done.json").is_file():
+            pre_s = json.loads((pre / "done.json").read_text())["seconds"]
+        else:
+            t0 = time.time()
+            Trainer(pretrain_config(data, arm, budget, ps, pre)).fit()
+            pre_s = time.time() - t0
+            (pre / "done.json").write_text(json.dumps({"seconds": pre_s}) + "\n")
+    res = finetune(finetune_opts(data, budget, seed, init, run))
     res["pretrain_seconds"] = pre_s
-    (run / "finetune" / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+    (run / "result.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
 
 
@@ -132,7 +137,10 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
           f"U = 0006R0 without labels). Fine-tuning: {f['steps']} steps x batch {f['batch']}, "
           f"{f['crop'][0]}x{f['crop'][1]} crops at 0.4-0.7 scale, SGD lr {f['lr']} poly, on the "
           f"62 `train_*` frames of 0001TP; mIoU (11 classes, MMSegmentation way) on its 62 "
-          f"`test_*` frames at 0.5 scale. Seeds per arm: {len(next(iter(results.values())))}. "
+          f"`test_*` frames at 0.5 scale. Fine-tuning seeds per arm: "
+          f"{len(next(iter(results.values())))}, from {budget['pretrain_seeds']} pretraining "
+          f"seed(s) per arm (std is over fine-tuning seeds"
+          f"{'' if budget['pretrain_seeds'] > 1 else ' only'}). "
           f"Total wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
           "| arm | mIoU (%) mean +- std | vs scratch | per seed | pretrain s | finetune s |",
           "| --- | ---: | ---: | --- | ---: | ---: |", *rows, ""]
@@ -171,7 +179,7 @@ def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
     model, _, _ = load_segnet(root / "estimate-finetune" / "model.pt")
     evaluate(model, preload(split_dataset(data, ["0001TP"], "test_")), 11, 0.5, False)
     te = time.time() - t0
-    n_pre = sum(1 for a in ARMS.values() if a[1] is not None) * budget["seeds"]
+    n_pre = sum(1 for a in ARMS.values() if a[1] is not None) * budget["pretrain_seeds"]
     n_fin = len(ARMS) * budget["seeds"]
     total = n_pre * budget["pretrain"]["steps"] * tp + n_fin * (
         budget["finetune"]["steps"] * tf + te)
@@ -190,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
                     help="where camvid.md/.png (camvid-quick.* with --quick) go")
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--seeds", type=int, help="override the number of seeds")
+    ap.add_argument("--seeds", type=int, help="override the number of fine-tuning seeds")
+    ap.add_argument("--pretrain-seeds", type=int,
+                    help="override the number of pretraining runs per arm (default 1)")
     ap.add_argument("--estimate", type=int, metavar="STEPS",
                     help="only time STEPS steps of the budget and print the full-run estimate")
     args = ap.parse_args(argv)
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = dict(BUDGETS[name])
     if args.seeds:
         budget["seeds"] = args.seeds
+    if args.pretrain_seeds:
+        budget["pretrain_seeds"] = args.pretrain_seeds
     data = Path(args.data)
     if not (data / "classes.txt").is_file():
         raise SystemExit(f"no CamVid at {data} (see its README; set --data or MDP_CAMVID)")

@@ -221,7 +221,7 @@ def finetune(opts: dict) -> dict:
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
     train_s = time.time() - start
     torch.save({"kind": "finetune", "model": model.state_dict(), "arch": arch, "classes": names,
