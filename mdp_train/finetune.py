@@ -204,7 +204,7 @@ def finetune(opts: dict) -> dict:
     bs = opts["batch_size"]
     bar = tqdm(range(steps), desc="mdp-finetune", disable=not opts.get("progress", True),
                dynamic_ncols=True)
-    losses, start = [], time.time()
+    losses, start, cpu = [], time.time(), time.process_time()
     order = torch.randperm(len(data), generator=g).tolist()
     for step in bar:
         model.train()
@@ -223,11 +223,12 @@ def finetune(opts: dict) -> dict:
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
-    train_s = time.time() - start
+    train_s, train_cpu = time.time() - start, time.process_time() - cpu
     torch.save({"kind": "finetune", "model": model.state_dict(), "arch": arch, "classes": names,
                 "options": {k: v for k, v in opts.items() if k != "progress"}},
                out / "model.pt")
     res = {"init": how, "frozen_backbone": frozen, "steps": steps, "train_seconds": train_s,
+           "train_cpu_seconds": train_cpu,
            "seconds_per_step": train_s / max(1, steps), "first_loss": float(np.mean(losses[:10])),
            "last_loss": float(np.mean(losses[-10:])), "arch": arch, "classes": names}
     if opts.get("eval_prefix") or opts.get("eval_subsets"):
