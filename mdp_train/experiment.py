@@ -98,7 +98,7 @@ def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
     run = root / arm / f"seed{seed}" / "finetune"
     if (run / "result.json").is_file():
         return json.loads((run / "result.json").read_text())
-    init, pre_s = None, 0.0
+    init, pre_s, t0 = None, 0.0, time.time()
     if ARMS[arm][1] is not None:
         ps = seed % budget["pretrain_seeds"]
         pre = root / arm / f"pretrain-seed{ps}"
@@ -106,18 +106,18 @@ def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
         if (pre / "done.json").is_file():
             pre_s = json.loads((pre / "done.json").read_text())["seconds"]
         else:
-            t0 = time.time()
             Trainer(pretrain_config(data, arm, budget, ps, pre)).fit()
             pre_s = time.time() - t0
             (pre / "done.json").write_text(json.dumps({"seconds": pre_s}) + "\n")
     res = finetune(finetune_opts(data, budget, seed, init, run))
     res["pretrain_seconds"] = pre_s
+    res["wall_seconds"] = time.time() - t0  # this call: new pretraining (if any) + fine-tuning
     (run / "result.json").write_text(json.dumps(res, indent=1) + "\n")
     return res
 
 
 def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Path,
-              wall: float, note: str = "") -> str:
+              note: str = "") -> str:
     """Markdown table (mean +- sample std over seeds, gain over scratch) and a bar chart."""
     import matplotlib
     matplotlib.use("Agg")
@@ -148,12 +148,14 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
           f"{len(next(iter(results.values())))}, from {budget['pretrain_seeds']} pretraining "
           f"seed(s) per arm (std is over fine-tuning seeds"
           f"{'' if budget['pretrain_seeds'] > 1 else ' only'}). "
-          f"Total wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores.", "",
+          f"Total wall time {sum(r['wall_seconds'] for rs in results.values() for r in rs) / 60:.1f}"
+          f" min on {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at the "
+          f"end: the machine may be shared).", "",
           "| arm | mIoU (%) mean +- std | vs scratch | per seed | pretrain s | finetune s |",
           "| --- | ---: | ---: | --- | ---: | ---: |", *rows, ""]
     worse = [ARMS[a][0] for a, mu in zip(results, means) if a != "scratch" and mu <= 100 * base]
     if not math.isnan(base):
-        md += [f"Pretrained arms not above scratch (mean): {', '.join(worse) or 'none'}.", ""]
+        md += [f"Pretrained arms not above scratch (mean): {'; '.join(worse) or 'none'}.", ""]
     if note:
         md += [note, ""]
     fig, ax = plt.subplots(figsize=(8, 3.8), dpi=110)
@@ -238,7 +240,6 @@ def main(argv: list[str] | None = None) -> None:
         est = estimate(data, budget, args.estimate, root)
         print(json.dumps(est, indent=1))
         return
-    start = time.time()
     results: dict = {}
     for seed in range(budget["seeds"]):
         for arm in args.arms:
@@ -252,8 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     print(summarise({a: results[a] for a in args.arms}, budget,
                     "SMOKE RUN, tiny budget: not a reproduction" if args.quick else
                     "full budget", res_dir / f"camvid{suffix}.md",
-                    res_dir / f"camvid{suffix}.png", time.time() - start,
-                    QUICK_NOTE if args.quick else ""))
+                    res_dir / f"camvid{suffix}.png", QUICK_NOTE if args.quick else ""))
 
 
 if __name__ == "__main__":

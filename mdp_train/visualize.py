@@ -17,9 +17,10 @@ from .tsne import tsne
 
 
 def palette(n: int) -> np.ndarray:
-    """``(n, 3)`` distinct colours in [0, 1] (matplotlib's tab20, then hsv)."""
+    """``(n, 3)`` distinct colours in [0, 1] (matplotlib's tab20, dark shades first so that
+    neighbouring ids differ in hue, then hsv)."""
     import matplotlib
-    base = matplotlib.colormaps["tab20"](np.arange(20))[:, :3]
+    base = matplotlib.colormaps["tab20"](np.r_[0:20:2, 1:20:2])[:, :3]
     if n <= 20:
         return base[:n]
     return np.concatenate([base, matplotlib.colormaps["hsv"](np.linspace(0, 1, n - 20,
