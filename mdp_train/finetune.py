@@ -257,7 +257,8 @@ def load_segnet(path: str | Path) -> tuple[SegNet, list[str], dict]:
 def export_backbone(src: str | Path, dst: str | Path) -> dict[str, Tensor]:
     """Write the ResNet of any checkpoint as a plain torchvision-named state dict (loadable
     with ``strict=True`` into a torchvision ResNet without ``fc``). Returns it."""
-    sd = {k: v.detach().clone().contiguous() for k, v in backbone_state(read_checkpoint(src)).items()}
+    state = backbone_state(read_checkpoint(src))
+    sd = {k: v.detach().clone().contiguous() for k, v in state.items()}
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, dst)
     return sd
