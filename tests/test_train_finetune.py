@@ -167,3 +167,33 @@ def test_experiment_driver_quick_and_resume(tmp_path, capsys):
     experiment.main(args)  # everything done: nothing retrains, same numbers
     assert model.stat().st_mtime_ns == stamp
     assert f"{100 * first['miou']:.2f}" in capsys.readouterr().out
+
+
+def test_initialise_scopes(pretrained):
+    from mdp_train.finetune import SegNet, initialise
+    pre = read_checkpoint(pretrained)["state"]
+    for scope, aspp_loaded in (("all", True), ("backbone", False)):
+        torch.manual_seed(0)
+        model = SegNet(3, "resnet18", 16, 8, 16)
+        initialise(model, pretrained, scope)
+        assert torch.equal(model.net.backbone.layer4[0].conv1.weight,
+                           pre["net.backbone.layer4.0.conv1.weight"])
+        same = torch.equal(model.net.aspp.project[0].weight, pre["net.aspp.project.0.weight"])
+        assert same == aspp_loaded, scope
+    with pytest.raises(ValueError, match="scope"):
+        initialise(SegNet(3, "resnet18", 16, 8, 16), pretrained, "decoder")
+
+
+def test_finetune_cli(tmp_path, capsys):
+    root = write_folder(tmp_path)
+    out = tmp_path / "ft"
+    cli.main(["finetune", "--data", str(root), "--subsets", "seqA", "--eval-subsets", "seqB",
+              "--width", "8", "--channels", "16", "--steps", "2", "--batch-size", "2",
+              "--crop", "24", "32", "--train-scale", "0.9", "1.1", "--eval-scale", "1",
+              "--lr", "0.05", "--seed", "3", "--freeze-backbone", "--out", str(out),
+              "--no-progress"])
+    res = json.loads((out / "result.json").read_text())
+    assert res["steps"] == 2 and res["frozen_backbone"] and res["images"] == 4
+    assert f"mIoU {100 * res['miou']:.2f}" in capsys.readouterr().out
+    opts = read_checkpoint(out / "model.pt")["cfg"]
+    assert opts["crop"] == [24, 32] and opts["scale"] == [0.9, 1.1] and opts["seed"] == 3
