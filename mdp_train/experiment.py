@@ -157,6 +157,10 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
           f"end: the machine may be shared).", "",
           "| arm | mIoU (%) mean +- std | vs scratch | per seed | pretrain s | finetune s |",
           "| --- | ---: | ---: | --- | ---: | ---: |", *rows, ""]
+    md += ["Pretraining settings per arm (MDP defaults: loss.alpha 0.2, cutmix 0.5, mixup 0.5; "
+           "U is pseudo-labelled, threshold 0.8): " + "; ".join(
+               f"{ARMS[a][0]}: {', '.join(ARMS[a][1]) or 'defaults'}" for a in results
+               if ARMS[a][1] is not None) + ".", ""]
     worse = [ARMS[a][0] for a, mu in zip(results, means) if a != "scratch" and mu <= 100 * base]
     if not math.isnan(base):
         md += [f"Pretrained arms not above scratch (mean): {'; '.join(worse) or 'none'}.", ""]
