@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MAX_JOBS ?= 2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: install test demo bench clean check-cuda
+.PHONY: install test demo bench experiment clean check-cuda
 
 $(PY):
 	python3 -m venv --system-site-packages $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 PRESET ?= cpu-small
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --preset $(PRESET)
+
+# CamVid reproduction (benchmarks/results/camvid.md, ~2 h on 2 CPU cores; resumable).
+# Smoke run: make experiment ARGS=--quick (writes camvid-quick.md instead).
+experiment: $(STAMP)
+	$(PY) -m mdp_train.experiment $(ARGS)
 
 clean:
 	rm -rf build *.egg-info mdp_kernels/*.so

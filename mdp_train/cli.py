@@ -1,10 +1,19 @@
-"""``mdp-train`` / ``python -m mdp_train``: ``pretrain --config X.yaml [key=value ...]`` and
-``demo``."""
+"""``mdp-train`` / ``python -m mdp_train``: ``pretrain --config X.yaml [key=value ...]``,
+``demo``, ``finetune``, ``eval``, ``export`` and ``visualize``."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from . import config
+
+
+def _data_args(p: argparse.ArgumentParser, prefix_help: str) -> None:
+    p.add_argument("--data", required=True, help="Folder-format dataset root (classes.txt, "
+                   "<subset>/images, <subset>/labels), e.g. CamVid")
+    p.add_argument("--subsets", nargs="*", help="sub-folders to read (default: all)")
+    p.add_argument("--prefix", help=prefix_help)
+    p.add_argument("--scale", type=float, default=0.5, help="inference resize factor")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,17 +25,99 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("demo", help="pretrain on generated VOC/ADE-layout data (~2 min, CPU)")
     d.add_argument("--seconds", type=float, default=120.0)
     d.add_argument("--out", help="run folder (default: a temporary one)")
+
+    f = sub.add_parser("finetune", help="DeepLab-v3+ with cross-entropy on one dataset")
+    f.add_argument("--data", required=True, help="Folder-format dataset root")
+    f.add_argument("--subsets", nargs="*", help="sub-folders to train on (default: all)")
+    f.add_argument("--prefix", help="train on images whose name starts with this (train_)")
+    f.add_argument("--eval-subsets", nargs="*", help="evaluate on these sub-folders")
+    f.add_argument("--eval-prefix", help="evaluate on images starting with this (test_)")
+    f.add_argument("--init", help="pretraining/fine-tuning checkpoint or exported backbone "
+                   "(default: from scratch)")
+    f.add_argument("--scope", choices=("all", "backbone"), default="all",
+                   help="what a checkpoint transfers: the whole DeepLab-v3+ or the ResNet")
+    f.add_argument("--freeze-backbone", action="store_true", help="fixed backbone (Table 6)")
+    f.add_argument("--arch", default="resnet18")
+    f.add_argument("--output-stride", type=int, default=16)
+    f.add_argument("--width", type=int, default=64)
+    f.add_argument("--channels", type=int, default=256)
+    f.add_argument("--steps", type=int, default=1000)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--crop", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
+    f.add_argument("--train-scale", type=float, nargs=2, default=(0.4, 0.7),
+                   metavar=("LO", "HI"), help="random resize range while training")
+    f.add_argument("--eval-scale", type=float, default=0.5)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, help="run folder (model.pt, result.json, eval.md)")
+    f.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="mIoU (MMSegmentation way) of a fine-tuned model")
+    e.add_argument("checkpoint")
+    _data_args(e, "evaluate on images whose name starts with this (test_)")
+    e.add_argument("--json", help="also write the result here")
+
+    x = sub.add_parser("export", help="backbone as a torchvision-named ResNet state dict")
+    x.add_argument("checkpoint")
+    x.add_argument("out")
+
+    v = sub.add_parser("visualize", help="t-SNE of pixel embeddings and prediction overlays")
+    v.add_argument("checkpoint")
+    _data_args(v, "use images whose name starts with this")
+    v.add_argument("--out", required=True, help="folder for tsne.png / overlays.png")
+    v.add_argument("--points", type=int, default=2000)
+    v.add_argument("--images", type=int, default=4, help="overlay rows (fine-tuned models)")
+    v.add_argument("--perplexity", type=float, default=30.0)
+    v.add_argument("--iters", type=int, default=750)
+    v.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+
     if args.cmd == "demo":
         from .demo import main as demo
         demo(args.seconds, args.out)
-        return
-    from .trainer import Trainer
-    trainer = Trainer(config.load(args.config, args.overrides))
-    if trainer.rank == 0:
-        print(f"{len(trainer.data)} images, {trainer.space.num_classes} classes "
-              f"({', '.join(f'{n}@{o}' for n, o in zip(trainer.space.dataset_names, trainer.space.offsets))}), "
-              f"{trainer.world} rank(s), step {trainer.step}/{trainer.total}, lr {trainer.lr:g}")
-    trainer.fit()
-    if trainer.rank == 0:
-        print(trainer.summary())
+    elif args.cmd == "finetune":
+        from .finetune import finetune
+        opts = {k: getattr(args, k) for k in (
+            "data", "subsets", "prefix", "eval_subsets", "eval_prefix", "init", "scope",
+            "freeze_backbone", "arch", "output_stride", "width", "channels", "steps",
+            "batch_size", "lr", "crop", "eval_scale", "seed", "out")}
+        opts.update(scale=list(args.train_scale), crop=list(args.crop),
+                    progress=not args.no_progress)
+        res = finetune(opts)
+        print(f"{res['init']}; {res['steps']} steps, {res['seconds_per_step']:.2f} s/step, "
+              f"loss {res['first_loss']:.3f} -> {res['last_loss']:.3f}")
+        if "miou" in res:
+            print(f"mIoU {100 * res['miou']:.2f} (per class: {args.out}/eval.md)")
+    elif args.cmd == "eval":
+        from .finetune import evaluate, load_segnet, preload, split_dataset
+        model, names, _ = load_segnet(args.checkpoint)
+        ds = split_dataset(args.data, args.subsets, args.prefix)
+        if list(ds.classes) != names:
+            raise SystemExit(f"the model predicts {names}, the dataset has {list(ds.classes)}")
+        meter = evaluate(model, preload(ds), len(names), args.scale)
+        print(f"{len(ds)} images\n{meter.table(names)}")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"miou": meter.miou(), "acc": meter.accuracy(),
+                           "iou": dict(zip(names, meter.iou().tolist()))}, fh, indent=1)
+    elif args.cmd == "export":
+        from .finetune import export_backbone
+        sd = export_backbone(args.checkpoint, args.out)
+        print(f"wrote {len(sd)} tensors ({sum(v.numel() for v in sd.values()):,} values) "
+              f"to {args.out}")
+    elif args.cmd == "visualize":
+        from .visualize import visualize
+        for path in visualize(args.checkpoint, args.data, args.out, args.subsets, args.prefix,
+                              args.points, args.images, args.scale, args.seed, args.perplexity,
+                              args.iters):
+            print(f"wrote {path}")
+    else:
+        from .trainer import Trainer
+        trainer = Trainer(config.load(args.config, args.overrides))
+        if trainer.rank == 0:
+            print(f"{len(trainer.data)} images, {trainer.space.num_classes} classes "
+                  f"({', '.join(f'{n}@{o}' for n, o in zip(trainer.space.dataset_names, trainer.space.offsets))}), "
+                  f"{trainer.world} rank(s), step {trainer.step}/{trainer.total}, lr {trainer.lr:g}")
+        trainer.fit()
+        if trainer.rank == 0:
+            print(trainer.summary())
