@@ -1,10 +1,17 @@
-// Pixel-to-pixel logsumexp (pix_fwd / pix_bwd) on CPU, one image per task.
+// Pixel-to-pixel logsumexp (pix_fwd / pix_bwd) on CPU, flash-attention style.
 //
-// Per image the valid keys are gathered once into an (nk, D) matrix K / tau; queries are
-// walked in blocks sized so the block x nk score tile stays about L2-sized, so memory is
-// O((P + Pk) D) per image, never P x Pk. The backward recomputes each tile from the saved
-// lse: A = g * exp(S - lse), dQ = A @ (K / tau), dK += A^T @ Q (then / tau). Images are
-// independent, so results do not depend on the thread count.
+// Per image the valid keys are gathered once into Ks = K / tau, (nk, D). Queries are walked in
+// blocks of `rows` pixels and keys in blocks of `cols` pixels (both by pixel position, invalid
+// pixels compacted away inside a block), so only a rows x cols score tile (L2-sized) exists at
+// a time and memory is O((P + Pk) D) per image, never P x Pk. The forward keeps an online
+// logsumexp per query over the key blocks. The backward recomputes each tile from the saved
+// lse: A = g * exp(S - lse), dQ_i += A Ks_j, dK_j += A^T Q_i (then / tau); all products are
+// GEMMs with an inner dimension of D, rows or cols (never a thin rank-k update).
+//
+// Work is split over (image, query block) tasks, each owning its lse / dQ rows. dK_j sums over
+// query blocks in block order, either inside one task per image (B >= threads) or inside one
+// task per (image, key block) that recomputes its tiles (B < threads, so every core has work).
+// Both orders are the same, so results do not depend on the thread count.
 #include <torch/library.h>
 
 #include "tiles.h"
@@ -19,6 +26,16 @@ inline int64_t valid_idx(const bool* m, int64_t n, int64_t* idx) {
   return nv;
 }
 
+// Key pixels per block: 512, or MDP_CPU_PIX_COLS when set (tests check block invariance).
+inline int64_t pix_cols() {
+  if (const char* env = std::getenv("MDP_CPU_PIX_COLS")) {
+    const long v = std::atol(env);
+    TORCH_CHECK(v > 0, "MDP_CPU_PIX_COLS must be a positive integer, got ", env);
+    return v;
+  }
+  return 512;
+}
+
 void pix_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qmask,
                const at::Tensor& kmask) {
   check_bdp(q, "q");
@@ -30,59 +47,156 @@ void pix_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qmask
   check_bp(kmask, k.size(0), k.size(2), at::kBool, "kmask");
 }
 
-// One image: the forward writes lse_out; the backward (g_lse given) reads lse.
+// Shared state of one call: inputs, block sizes and each image's scaled valid keys.
 template <typename T>
-void pix_image(int64_t b, const at::Tensor& q, const at::Tensor& k, const bool* qm,
-               const bool* km, double tau, acc_t<T>* lse_out, const acc_t<T>* lse,
-               const acc_t<T>* g_lse, at::Tensor* dq, at::Tensor* dk) {
+struct Pix {
   using A = acc_t<T>;
-  const int64_t D = q.size(1), P = q.size(2), Pk = k.size(2);
-  const auto opts = q.options().dtype(acc_scalar_type(q.scalar_type()));
-  std::vector<int64_t> kidx(Pk);
-  const int64_t nk = valid_idx(km + b * Pk, Pk, kidx.data());
-  const int64_t rows = std::min<int64_t>(tile_rows(nk), std::max<int64_t>(P, 1));
-  std::vector<int64_t> idx(rows);
-  auto qbuf = at::empty({rows, D}, opts), dbuf = at::empty({rows, D}, opts);
-  if (nk == 0) {  // no key: lse stays 0 and every gradient is 0
-    if (dq)
-      for (int64_t p0 = 0; p0 < P; p0 += rows)
-        store_rows<T>(*dq, b, p0, std::min(rows, P - p0), idx.data(), 0, dbuf);
-    if (dk) store_rows<T>(*dk, b, 0, Pk, kidx.data(), 0, dbuf);
+  at::Tensor q, k;
+  const bool *qm, *km;
+  double tau;
+  int64_t B, D, P, Pk, rows, cols, qblocks, kblocks;
+  at::TensorOptions opts;
+  std::vector<at::Tensor> ks;               // per image: (nk, D) valid keys / tau
+  std::vector<std::vector<int64_t>> koff;   // per image: first compact key of each key block
+
+  Pix(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& qm_, const at::Tensor& km_,
+      double tau_)
+      : q(q_), k(k_), qm(qm_.const_data_ptr<bool>()), km(km_.const_data_ptr<bool>()),
+        tau(tau_), B(q_.size(0)), D(q_.size(1)), P(q_.size(2)), Pk(k_.size(2)) {
+    cols = std::min<int64_t>(pix_cols(), std::max<int64_t>(Pk, 1));
+    rows = std::min<int64_t>(tile_rows(cols), std::max<int64_t>(P, 1));
+    qblocks = (P + rows - 1) / rows;
+    kblocks = (Pk + cols - 1) / cols;
+    opts = q.options().dtype(acc_scalar_type(q.scalar_type()));
+    ks.resize(B);
+    koff.resize(B);
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::vector<int64_t> idx(Pk);
+      for (int64_t b = begin; b < end; ++b) {
+        auto& off = koff[b];
+        off.assign(kblocks + 1, 0);
+        for (int64_t j = 0; j < kblocks; ++j)
+          off[j + 1] = off[j] + valid_idx(km + b * Pk + j * cols, kcount(j), idx.data());
+        const int64_t nk = valid_idx(km + b * Pk, Pk, idx.data());
+        if (nk == 0) continue;
+        auto buf = at::empty({nk, D}, opts);
+        ks[b] = load_rows<T>(k, b, 0, Pk, idx.data(), nk, buf).mul(1.0 / tau).contiguous();
+      }
+    });
+  }
+  int64_t nk(int64_t b) const { return koff[b][kblocks]; }
+  int64_t qcount(int64_t i) const { return std::min(rows, P - i * rows); }
+  int64_t kcount(int64_t j) const { return std::min(cols, Pk - j * cols); }
+  at::Tensor kblock(int64_t b, int64_t j) const {
+    return ks[b].narrow(0, koff[b][j], koff[b][j + 1] - koff[b][j]);
+  }
+};
+
+// Per-task scratch: the gathered query block, its score tile and per-row vectors.
+template <typename T>
+struct Scratch {
+  std::vector<int64_t> idx;
+  at::Tensor qbuf, tile, col, col2;
+  Scratch(const Pix<T>& x)
+      : idx(std::max(x.rows, x.cols)), qbuf(at::empty({x.rows, x.D}, x.opts)),
+        tile(at::empty({x.rows * x.cols}, x.opts)), col(at::empty({x.rows}, x.opts)),
+        col2(at::empty({x.rows}, x.opts)) {}
+  // Valid queries of block i of image b as (nv, D); nv == 0 when none.
+  at::Tensor queries(const Pix<T>& x, int64_t b, int64_t i, int64_t& nv) {
+    const int64_t p0 = i * x.rows, n = x.qcount(i);
+    nv = valid_idx(x.qm + b * x.P + p0, n, idx.data());
+    return nv ? load_rows<T>(x.q, b, p0, n, idx.data(), nv, qbuf) : at::Tensor();
+  }
+  // S = f Kj^T as a contiguous (nv, nkj) tile.
+  at::Tensor scores(const at::Tensor& f, const at::Tensor& kj) {
+    auto s = tile.narrow(0, 0, f.size(0) * kj.size(0)).view({f.size(0), kj.size(0)});
+    return at::mm_out(s, f, kj.t());
+  }
+  // A = g * exp(S - lse) for the valid queries of block i (idx from queries()).
+  at::Tensor probs(const Pix<T>& x, int64_t b, int64_t i, int64_t nv, const at::Tensor& f,
+                   const at::Tensor& kj, const acc_t<T>* lse, const acc_t<T>* g) {
+    const int64_t off = b * x.P + i * x.rows;
+    auto s = scores(f, kj);
+    s.sub_(gather_col(lse + off, idx.data(), nv, col)).exp_();
+    return s.mul_(gather_col(g + off, idx.data(), nv, col2));
+  }
+};
+
+// lse of query block i of image b, online over the key blocks.
+template <typename T>
+void fwd_block(const Pix<T>& x, Scratch<T>& w, int64_t b, int64_t i, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  int64_t nv;
+  const auto f = w.queries(x, b, i, nv);
+  if (nv == 0 || x.nk(b) == 0) return;
+  auto m = at::full({nv}, -std::numeric_limits<A>::infinity(), x.opts), sum = at::zeros({nv}, x.opts);
+  for (int64_t j = 0; j < x.kblocks; ++j) {
+    const auto kj = x.kblock(b, j);
+    if (kj.size(0) == 0) continue;
+    auto s = w.scores(f, kj);
+    const auto mn = at::maximum(m, at::amax(s, {1}));
+    sum.mul_(m.sub_(mn).exp_()).add_(s.sub_(mn.unsqueeze(1)).exp_().sum({1}));
+    m = mn;
+  }
+  const A* l = sum.log_().add_(m).template const_data_ptr<A>();
+  A* out = lse + b * x.P + i * x.rows;
+  for (int64_t r = 0; r < nv; ++r) out[w.idx[r]] = l[r];
+}
+
+// dQ of query block i of image b (written to dq), and dK_j += A^T Q_i into dk (nk, D) if given.
+template <typename T>
+void bwd_qblock(const Pix<T>& x, Scratch<T>& w, int64_t b, int64_t i, const acc_t<T>* lse,
+                const acc_t<T>* g, at::Tensor& dq, at::Tensor* dk, at::Tensor& dqbuf) {
+  int64_t nv;
+  const auto f = w.queries(x, b, i, nv);
+  const int64_t p0 = i * x.rows, n = x.qcount(i);
+  if (nv == 0 || x.nk(b) == 0) {
+    if (dq.defined()) store_rows<T>(dq, b, p0, n, w.idx.data(), 0, dqbuf);
     return;
   }
-  auto kbuf = at::empty({nk, D}, opts);
-  const auto ks = load_rows<T>(k, b, 0, Pk, kidx.data(), nk, kbuf).mul(1.0 / tau);
-  const auto kst = ks.t();
-  auto tile = at::empty({rows, nk}, opts), col = at::empty({rows}, opts);
-  at::Tensor dkacc;
-  if (dk) dkacc = at::zeros({nk, D}, opts);
-  for (int64_t p0 = 0; p0 < P; p0 += rows) {
-    const int64_t n = std::min(rows, P - p0), off = b * P + p0;
-    const int64_t nv = valid_idx(qm + off, n, idx.data());
-    if (nv == 0) {
-      if (dq) store_rows<T>(*dq, b, p0, n, idx.data(), 0, dbuf);
-      continue;
+  auto d = dqbuf.narrow(0, 0, nv);
+  bool first = true;
+  for (int64_t j = 0; j < x.kblocks; ++j) {
+    const auto kj = x.kblock(b, j);
+    if (kj.size(0) == 0) continue;
+    const auto a = w.probs(x, b, i, nv, f, kj, lse, g);
+    if (dq.defined()) {
+      if (first) at::mm_out(d, a, kj);
+      else d.addmm_(a, kj);
     }
-    auto f = load_rows<T>(q, b, p0, n, idx.data(), nv, qbuf);
-    auto s = tile.narrow(0, 0, nv);
-    at::mm_out(s, f, kst);
-    if (g_lse == nullptr) {
-      auto m = at::amax(s, {1}, true);
-      auto l = s.sub_(m).exp_().sum({1}, true).log_().add_(m);
-      const A* lp = l.const_data_ptr<A>();
-      for (int64_t i = 0; i < nv; ++i) lse_out[off + idx[i]] = lp[i];
-      continue;
-    }
-    s.sub_(gather_col(lse + off, idx.data(), nv, col)).exp_();
-    s.mul_(gather_col(g_lse + off, idx.data(), nv, col));
-    if (dq) {
-      auto d = dbuf.narrow(0, 0, nv);
-      at::mm_out(d, s, ks);
-      store_rows<T>(*dq, b, p0, n, idx.data(), nv, d);
-    }
-    if (dk) dkacc.addmm_(s.t(), f);
+    first = false;
+    if (dk) dk->narrow(0, x.koff[b][j], kj.size(0)).addmm_(a.t(), f);
   }
-  if (dk) store_rows<T>(*dk, b, 0, Pk, kidx.data(), nk, dkacc.mul_(1.0 / tau));
+  if (dq.defined()) store_rows<T>(dq, b, p0, n, w.idx.data(), nv, d);
+}
+
+// dK of key block j of image b, recomputing its tiles over the query blocks in order.
+template <typename T>
+void bwd_kblock(const Pix<T>& x, Scratch<T>& w, int64_t b, int64_t j, const acc_t<T>* lse,
+                const acc_t<T>* g, at::Tensor& dk, at::Tensor& dkbuf) {
+  const auto kj = x.nk(b) ? x.kblock(b, j) : at::Tensor();
+  const int64_t nkj = kj.defined() ? kj.size(0) : 0;
+  auto acc = dkbuf.narrow(0, 0, nkj).zero_();
+  for (int64_t i = 0; i < x.qblocks && nkj; ++i) {
+    int64_t nv;
+    const auto f = w.queries(x, b, i, nv);
+    if (nv) acc.addmm_(w.probs(x, b, i, nv, f, kj, lse, g).t(), f);
+  }
+  std::vector<int64_t> kidx(x.cols);
+  const int64_t n = x.kcount(j);
+  valid_idx(x.km + b * x.Pk + j * x.cols, n, kidx.data());
+  store_rows<T>(dk, b, j * x.cols, n, kidx.data(), nkj, acc.mul_(1.0 / x.tau));
+}
+
+// fn(scratch, task) for tasks [0, n) in parallel, one scratch per worker.
+template <typename T, typename F>
+void for_tasks(const Pix<T>& x, int64_t n, const F& fn) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set it per worker
+    Scratch<T> w(x);
+    for (int64_t t = begin; t < end; ++t) fn(w, t);
+  });
 }
 
 at::Tensor pix_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qmask,
@@ -92,12 +206,10 @@ at::Tensor pix_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q
   const auto qm = qmask.contiguous(), km = kmask.contiguous();
   auto lse = at::zeros({q.size(0), q.size(2)}, q.options().dtype(acc_scalar_type(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pix_fwd", [&] {
-    at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t b = begin; b < end; ++b)
-        pix_image<scalar_t>(b, q, k, qm.const_data_ptr<bool>(), km.const_data_ptr<bool>(), tau,
-                            lse.mutable_data_ptr<acc_t<scalar_t>>(), nullptr, nullptr, nullptr,
-                            nullptr);
+    const Pix<scalar_t> x(q, k, qm, km, tau);
+    auto* out = lse.mutable_data_ptr<acc_t<scalar_t>>();
+    for_tasks(x, x.B * x.qblocks, [&](Scratch<scalar_t>& w, int64_t t) {
+      fwd_block(x, w, t / x.qblocks, t % x.qblocks, out);
     });
   });
   return lse;
@@ -117,15 +229,33 @@ std::tuple<at::Tensor, at::Tensor> pix_bwd(const at::Tensor& g_lse, const at::Te
   at::Tensor dq, dk;
   if (need_q) dq = empty_like_bdp(q);
   if (need_k) dk = empty_like_bdp(k);
+  if (!need_q && !need_k) return {dq, dk};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "pix_bwd", [&] {
     using A = acc_t<scalar_t>;
-    at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t b = begin; b < end; ++b)
-        pix_image<scalar_t>(b, q, k, qm.const_data_ptr<bool>(), km.const_data_ptr<bool>(), tau,
-                            nullptr, l.const_data_ptr<A>(), g.const_data_ptr<A>(),
-                            need_q ? &dq : nullptr, need_k ? &dk : nullptr);
-    });
+    const Pix<scalar_t> x(q, k, qm, km, tau);
+    const A *lp = l.const_data_ptr<A>(), *gp = g.const_data_ptr<A>();
+    const bool per_image = need_k && x.B >= at::get_num_threads();
+    if (per_image) {  // dQ and dK of a whole image per task
+      for_tasks(x, x.B, [&](Scratch<scalar_t>& w, int64_t b) {
+        auto dqbuf = at::empty({x.rows, x.D}, x.opts);
+        auto dkacc = at::zeros({x.nk(b), x.D}, x.opts);
+        for (int64_t i = 0; i < x.qblocks; ++i) bwd_qblock(x, w, b, i, lp, gp, dq, &dkacc, dqbuf);
+        std::vector<int64_t> kidx(x.Pk);
+        valid_idx(x.km + b * x.Pk, x.Pk, kidx.data());
+        store_rows<scalar_t>(dk, b, 0, x.Pk, kidx.data(), x.nk(b), dkacc.mul_(1.0 / tau));
+      });
+      return;
+    }
+    if (need_q)
+      for_tasks(x, x.B * x.qblocks, [&](Scratch<scalar_t>& w, int64_t t) {
+        auto dqbuf = at::empty({x.rows, x.D}, x.opts);
+        bwd_qblock(x, w, t / x.qblocks, t % x.qblocks, lp, gp, dq, nullptr, dqbuf);
+      });
+    if (need_k)
+      for_tasks(x, x.B * x.kblocks, [&](Scratch<scalar_t>& w, int64_t t) {
+        auto dkbuf = at::empty({x.cols, x.D}, x.opts);
+        bwd_kblock(x, w, t / x.kblocks, t % x.kblocks, lp, gp, dk, dkbuf);
+      });
   });
   return {dq, dk};
 }
