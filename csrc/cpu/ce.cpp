@@ -24,14 +24,6 @@ inline int64_t kept(const int64_t* ta, const int64_t* tb, int64_t n, int64_t* id
   return nv;
 }
 
-// Forward chunk rows: 4x the default L2 budget (up to 1024 rows). Measured on 2 cores at
-// N = 65536, D = 256, C = 2048: 256-row chunks beat 64-row ones by ~9% (the logit product
-// gets a taller, more BLAS-efficient panel; the tile still fits L2 + L3).
-inline int64_t ce_fwd_rows(int64_t C) {
-  if (std::getenv("MDP_CPU_TILE_ROWS")) return tile_rows(C);
-  return std::min<int64_t>(4 * tile_rows(C), 1024);
-}
-
 struct CeArgs {
   at::Tensor feats, ps, bias;  // ps = protos / tau (C, D) acc; bias (C,) acc or undefined
   const int64_t* ta;
@@ -58,7 +50,7 @@ template <typename T>
 void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
                    at::Tensor* basis) {
   using A = acc_t<T>;
-  const Chunks ch(a.B, a.P, ce_fwd_rows(a.C));
+  const Chunks ch(a.B, a.P, tile_rows(a.C));
   const auto opts = lse.options();
   const at::Tensor pt = a.ps.t();
   A* lse_p = lse.mutable_data_ptr<A>();
