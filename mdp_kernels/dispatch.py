@@ -28,6 +28,14 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
     dz_ik = g_lse_i * exp(z_ik - lse_i) + g_za_i [k = ta_i] + g_zb_i [k = tb_i]
     over non-skipped pixels; dfeats_i = sum_k dz_ik P_k / tau; dprotos_k = sum_i dz_ik f_i / tau.
     ``g_zb`` is None when ``tb`` is None.
+``ce_fwd_basis(feats, protos, ta, tb, bias, tau) -> (lse, za, zb, E)``, optional (a backend
+        may implement this pair; ``ce_fwd``/``ce_bwd`` are still required): ``ce_fwd`` plus
+    the softmax expectation E_i = sum_k exp(z_ik - lse_i) P_k / tau, a ``(B, D, P)`` acc
+    tensor laid out like ``feats`` (0 on skipped pixels).
+``ce_bwd_basis(g_lse, g_za, g_zb, E, feats, protos, ta, tb, tau) -> dfeats (B,D,P) feats.dtype``
+    dfeats_i = g_lse_i E_i + g_za_i P_{ta_i} / tau + g_zb_i P_{tb_i} / tau (a term only where
+    its target is >= 0; 0 on skipped pixels): the ``ce_bwd`` feature gradient without
+    recomputing logits (``feats`` gives only the output's dtype and layout).
 ``con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t)``
     each ``(B, P)`` acc; ``mask`` is None or bool ``(B, P)`` (False: skipped, all zeros).
     s = log_softmax(z^s), t = softmax(z^t) (z^s with tau_s on the student, z^t with tau_t
@@ -59,7 +67,8 @@ import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
-       "pix_fwd", "pix_bwd", "pseudo_label", "bank_slot", "bank_prototypes")
+       "pix_fwd", "pix_bwd", "pseudo_label", "bank_slot", "bank_prototypes",
+       "ce_fwd_basis", "ce_bwd_basis")
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
 # Why a backend cannot run here, filled in by the module that tried to load it.
@@ -129,6 +138,11 @@ def resolve(ops: tuple[str, ...], backend: str, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
     return backend
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether the (already resolved) ``backend`` implements the optional phase ``op``."""
+    return op in _kernels.get(backend, {})
 
 
 def kernel(op: str, backend: str) -> Callable:

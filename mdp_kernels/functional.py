@@ -84,6 +84,14 @@ def masked_average_pool(feats: Tensor, labels: Tensor, num_classes: int, *,
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts > 0
 
 
+def _save_basis(name: str, feats: Tensor) -> bool:
+    """Store the softmax expectation in the CE forward (``ce_fwd_basis``) so the feature
+    gradient needs no logit recompute: only when that gradient will be taken."""
+    return (feats.requires_grad and torch.is_grad_enabled()
+            and dispatch.has_kernel("ce_fwd_basis", name)
+            and dispatch.has_kernel("ce_bwd_basis", name))
+
+
 def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *,
                             tau: float = 0.07, ignore_index: int = 255,
                             class_mask: Tensor | None = None, labels_b: Tensor | None = None,
@@ -115,6 +123,12 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
             read; turn off for speed).
 
+    cpu backend: when ``feats`` requires grad, the forward also keeps the softmax
+    expectation ``E_i = sum_k softmax(z_i)_k P_k / tau``, one feature-sized float32 (float64)
+    buffer alive until the backward, so the feature gradient is an O(N D) pass instead of
+    recomputing the logits (2 matrix products per forward + backward instead of 3).
+    Prototype gradients still recompute the logit tiles.
+
     Returns:
         float32 loss (float64 for float64 inputs).
     """
@@ -141,8 +155,9 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
                                                  class_mask, labels_b, lam, reduction)
     ta = ops.targets(as_bp(labels), class_mask, c, ignore_index)
     tb = None if labels_b is None else ops.targets(as_bp(labels_b), class_mask, c, ignore_index)
-    lse, za, zb = ops.ce_fwd(as_bdp(feats), prototypes.contiguous(), ta, tb, _bias(class_mask),
-                             float(tau), name, check_finite)
+    lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), prototypes.contiguous(), ta, tb,
+                                _bias(class_mask), float(tau), name, check_finite,
+                                _save_basis(name, feats))
     va = ta >= 0
     la = torch.where(va, lse - za, 0.0)
     if tb is None:

@@ -7,7 +7,7 @@ from conftest import require
 from helpers import make_case, rel_err, unit
 
 ALL_OPS = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "pseudo_label",
-           "bank_slot", "bank_prototypes")
+           "bank_slot", "bank_prototypes", "ce_fwd_basis", "ce_bwd_basis")
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +84,10 @@ def test_skipped_pixels_are_exactly_zero():
     g = torch.rand_like(lse) + 0.5
     df, dp = ops.ce_bwd(g, -g, None, f3, p, ta, None, None, lse, 0.1, True, True)
     assert (df.permute(0, 2, 1)[skip] == 0).all() and (df.permute(0, 2, 1)[~skip] != 0).all()
+    e = ops.ce_fwd_basis(f3, p, ta, None, None, 0.1)[3]
+    assert (e.permute(0, 2, 1)[skip] == 0).all() and (e.permute(0, 2, 1)[~skip] != 0).all()
+    dfb = ops.ce_bwd_basis(g, -g, None, e, f3, p, ta, None, 0.1)
+    assert (dfb.permute(0, 2, 1)[skip] == 0).all() and rel_err(dfb, df) <= 1e-6
     mask = ~skip
     out = ops.con_fwd(f3, f3.flip(1), p, None, mask, 0.1, 0.05)
     assert all((o[skip] == 0).all() for o in out)
@@ -115,3 +119,102 @@ def test_bank_kernels_match_reference(dtype, normalize):
     rP, rvalid = mk.reference.bank_prototypes(slots_s.double(), slots_n.double(), normalize)
     assert torch.equal(valid, rvalid) and not valid[4] and not P[4].any()
     assert rel_err(P, rP) <= 1e-6
+
+
+# ---------------------------------------------------------------- CE basis path
+def ce_grads(f, p, y, yb, cm, need_p, basis, monkeypatch):
+    """(loss, dF, dP) of a mixed, masked CE; ``basis`` False forces the logit recompute."""
+    with monkeypatch.context() as m:
+        if not basis:
+            m.setattr(mk.functional, "_save_basis", lambda name, feats: False)
+        fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_(need_p)
+        loss = mk.prototype_contrast_loss(fr, pr, y, labels_b=yb, lam=0.3, class_mask=cm,
+                                          reduction="none", backend="cpu")
+        w = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
+        (loss * w).sum().backward()
+    return loss.detach(), fr.grad, pr.grad
+
+
+def ce_case(c, dtype=torch.float32, layout="bdhw"):
+    torch.manual_seed(c)
+    f, p, y = make_case(2, 24, c, (13, 11), dtype=dtype)
+    yb = torch.randint(0, c, y.shape)
+    cm = torch.rand(c) > 0.2
+    cm[0] = True
+    if layout == "nd":  # pixel-major (N, D): the other loop order of ce_bwd_basis
+        f, y, yb = f.permute(0, 2, 3, 1).reshape(-1, 24), y.flatten(), yb.flatten()
+    return f, p, y, yb, cm
+
+
+@pytest.mark.parametrize("c", [1, 19, 150])
+@pytest.mark.parametrize("layout", ["bdhw", "nd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("need_p", [False, True])
+def test_basis_matches_recompute(monkeypatch, c, layout, dtype, need_p):
+    f, p, y, yb, cm = ce_case(c, dtype, layout)
+    lb, fb, pb = ce_grads(f, p, y, yb, cm, need_p, True, monkeypatch)
+    lr, fr, pr = ce_grads(f, p, y, yb, cm, need_p, False, monkeypatch)
+    assert torch.equal(lb, lr)
+    assert fb.dtype == f.dtype and fb.stride() == f.stride()
+    if c == 1:  # one class: softmax = 1, dF is 0 up to rounding on both paths
+        assert fb.abs().max() <= 1e-5 and fr.abs().max() <= 1e-5
+    else:
+        assert rel_err(fb, fr) <= 1e-6, rel_err(fb, fr)
+    if need_p:
+        assert torch.equal(pb, pr)
+
+
+def test_basis_low_precision(monkeypatch):
+    f, p, y, yb, cm = ce_case(37, torch.bfloat16)
+    _, fb, _ = ce_grads(f, p, y, yb, cm, False, True, monkeypatch)
+    _, fr, _ = ce_grads(f, p, y, yb, cm, False, False, monkeypatch)
+    assert fb.dtype == torch.bfloat16 and rel_err(fb, fr) <= 1e-2
+
+
+@pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
+def test_basis_chunk_size_invariance(monkeypatch, rows):
+    f, p, y, yb, cm = ce_case(37)
+    base = ce_grads(f, p, y, yb, cm, False, True, monkeypatch)
+    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
+    for a, b in zip(ce_grads(f, p, y, yb, cm, False, True, monkeypatch)[:2], base[:2]):
+        assert rel_err(a, b) <= 1e-6, rel_err(a, b)
+
+
+def count_basis_calls(monkeypatch):
+    calls = []
+    fwd = mk.dispatch.kernel("ce_fwd_basis", "cpu")
+    monkeypatch.setitem(mk.dispatch._kernels["cpu"], "ce_fwd_basis",
+                        lambda *a: calls.append(1) or fwd(*a))
+    return calls
+
+
+def test_basis_only_when_feature_grad_is_taken(monkeypatch):
+    calls = count_basis_calls(monkeypatch)
+    f, p, y = make_case(2, 8, 5, (4, 3))
+    fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_()
+    with torch.no_grad():
+        mk.prototype_contrast_loss(fr, pr, y, backend="cpu")
+    mk.prototype_contrast_loss(f, pr, y, backend="cpu").backward()
+    assert not calls
+    mk.prototype_contrast_loss(fr, p, y, backend="cpu").backward()
+    assert len(calls) == 1
+
+
+def test_basis_retain_graph_second_backward():
+    """E is not overwritten by the backward: a second backward gives the same gradient."""
+    f, p, y = make_case(2, 16, 9, (6, 7))
+    fr = f.clone().requires_grad_()
+    loss = mk.prototype_contrast_loss(fr, p, y, backend="cpu")
+    (g1,) = torch.autograd.grad(loss, fr, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, fr)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("basis", [True, False])
+def test_basis_gradcheck(monkeypatch, basis):
+    f, p, y = make_case(2, 6, 5, (3, 4), dtype=torch.float64)
+    yb = torch.randint(0, 5, y.shape)
+    if not basis:
+        monkeypatch.setattr(mk.functional, "_save_basis", lambda name, feats: False)
+    fn = lambda f: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, backend="cpu")
+    assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(),))

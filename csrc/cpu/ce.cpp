@@ -4,6 +4,11 @@
 // compacted, Z = F_chunk @ (P / tau)^T goes through BLAS into an L2-sized tile, and the
 // row reductions run on the tile. The backward recomputes the tile, turns it into dZ in
 // place and does dF = dZ @ (P / tau) and dP += dZ^T @ F_chunk (then / tau).
+//
+// ce_fwd_basis also stores the softmax expectation E_i = sum_k softmax(z_i)_k P_k / tau
+// (one more product per chunk, on the exp tile the forward already has), so that
+// ce_bwd_basis gets dF_i = g_lse_i E_i + g_za_i P_ta / tau + g_zb_i P_tb / tau in one
+// O(N D) pass: 2 matrix products for a forward + feature backward instead of 3.
 #include <torch/library.h>
 
 #include "tiles.h"
@@ -42,7 +47,8 @@ CeArgs ce_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tens
 }
 
 template <typename T>
-void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb) {
+void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
+                   at::Tensor* basis) {
   using A = acc_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const auto opts = lse.options();
@@ -52,13 +58,17 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
   A* zb_p = zb.mutable_data_ptr<A>();
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
     auto tile = at::empty({ch.rows, a.C}, opts), buf = at::empty({ch.rows, a.D}, opts);
+    at::Tensor ebuf = basis ? at::empty({ch.rows, a.D}, opts) : at::Tensor();
     std::vector<int64_t> idx(ch.rows);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
       const int64_t* ta = a.ta + off;
       const int64_t* tb = a.tb ? a.tb + off : nullptr;
       const int64_t nv = kept(ta, tb, n, idx.data());
-      if (nv == 0) continue;
+      if (nv == 0) {
+        if (basis) store_rows<A>(*basis, b, p0, n, idx.data(), 0, ebuf);
+        continue;
+      }
       auto z = tile.narrow(0, 0, nv);
       at::mm_out(z, load_rows<T>(a.feats, b, p0, n, idx.data(), nv, buf), pt);
       if (a.bias.defined()) z.add_(a.bias);
@@ -69,24 +79,53 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
         if (tb && tb[p] >= 0) zb_p[off + p] = zp[i * a.C + tb[p]];
       }
       auto m = at::amax(z, {1}, true);
-      auto l = z.sub_(m).exp_().sum({1}, true).log_().add_(m);
-      const A* lp = l.const_data_ptr<A>();
+      auto s = z.sub_(m).exp_().sum({1}, true);
+      if (basis) {  // E = (exp(z - m) @ P / tau) / s: the 1/s goes on the D-wide product
+        const auto r = s.reciprocal();
+        if (nv == n) {
+          auto o = out_rows(*basis, b, p0, n);
+          at::mm_out(o, z, a.ps);
+          o.mul_(r);
+        } else {
+          auto e = ebuf.narrow(0, 0, nv);
+          at::mm_out(e, z, a.ps);
+          store_rows<A>(*basis, b, p0, n, idx.data(), nv, e.mul_(r));
+        }
+      }
+      const A* lp = s.log_().add_(m).const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) lse_p[off + idx[i]] = lp[i];
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_impl(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau,
+    bool with_basis) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
   const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
   const auto opts = feats.options().dtype(acc_scalar_type(feats.scalar_type()));
   auto lse = at::zeros({a.B, a.P}, opts), za = at::zeros({a.B, a.P}, opts),
        zb = at::zeros({a.B, a.P}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd",
-                                  [&] { ce_fwd_kernel<scalar_t>(a, lse, za, zb); });
+  at::Tensor e;  // laid out like feats, so the backward pass streams both alike
+  if (with_basis) e = at::empty_like(feats, opts, at::MemoryFormat::Preserve);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd", [&] {
+    ce_fwd_kernel<scalar_t>(a, lse, za, zb, with_basis ? &e : nullptr);
+  });
+  return {lse, za, zb, e};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
+  auto [lse, za, zb, e] = ce_fwd_impl(feats, protos, ta, tb, bias, tau, false);
   return {lse, za, zb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_basis(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
+  return ce_fwd_impl(feats, protos, ta, tb, bias, tau, true);
 }
 
 template <typename T>
@@ -177,6 +216,94 @@ std::tuple<at::Tensor, at::Tensor> ce_bwd(
   return {df, dp};  // undefined (None) when not needed
 }
 
+
+// dF = g_lse E + g_za P_ta / tau + g_zb P_tb / tau, 0 on skipped pixels. The scaled
+// prototypes get a zero row C that absent targets point at, so the inner loops are
+// branch-free; the loop order follows dF's layout ((B, D, P) or pixel-major).
+template <typename T>
+void ce_bwd_basis_kernel(const at::Tensor& g_lse, const at::Tensor& g_za, const at::Tensor* g_zb,
+                         const at::Tensor& e, const at::Tensor& ps, const int64_t* ta_all,
+                         const int64_t* tb_all, at::Tensor& df) {
+  using A = acc_t<T>;
+  const int64_t B = df.size(0), D = df.size(1), P = df.size(2), C = ps.size(0) - 1;
+  const Chunks ch(B, P, 256);
+  const at::Tensor pst = ps.t().contiguous();  // (D, C + 1)
+  const A* rows = ps.const_data_ptr<A>();
+  const A* cols = pst.const_data_ptr<A>();
+  const A* gl = g_lse.const_data_ptr<A>();
+  const A* ga = g_za.const_data_ptr<A>();
+  const A* gb = g_zb ? g_zb->const_data_ptr<A>() : nullptr;
+  const int64_t sd = df.stride(1), sp = df.stride(2), ed = e.stride(1), ep = e.stride(2);
+  for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
+    std::vector<A> cl(ch.rows), ca(ch.rows), cb(ch.rows);
+    std::vector<int64_t> ia(ch.rows), ib(ch.rows);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * P + p0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t a = ta_all[off + i], t = tb_all ? tb_all[off + i] : -1;
+        cl[i] = (a >= 0 || t >= 0) ? gl[off + i] : A(0);
+        ca[i] = a >= 0 ? ga[off + i] : A(0);
+        cb[i] = t >= 0 ? gb[off + i] : A(0);
+        ia[i] = a >= 0 ? a : C;
+        ib[i] = t >= 0 ? t : C;
+      }
+      T* dst = df.mutable_data_ptr<T>() + b * df.stride(0) + p0 * sp;
+      const A* src = e.const_data_ptr<A>() + b * e.stride(0) + p0 * ep;
+      if (sp == 1) {
+        for (int64_t d = 0; d < D; ++d) {
+          const A* col = cols + d * (C + 1);
+          for (int64_t i = 0; i < n; ++i)
+            dst[d * sd + i] = static_cast<T>(cl[i] * src[d * ed + i * ep] +
+                                             ca[i] * col[ia[i]] + cb[i] * col[ib[i]]);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const A *ra = rows + ia[i] * D, *rb = rows + ib[i] * D;
+          for (int64_t d = 0; d < D; ++d)
+            dst[i * sp + d * sd] = static_cast<T>(cl[i] * src[d * ed + i * ep] +
+                                                  ca[i] * ra[d] + cb[i] * rb[d]);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor ce_bwd_basis(const at::Tensor& g_lse, const at::Tensor& g_za,
+                        const c10::optional<at::Tensor>& g_zb, const at::Tensor& e,
+                        const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+                        const c10::optional<at::Tensor>& tb, double tau) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
+  check_bdp(feats, "feats");
+  check_protos(protos, feats);
+  const int64_t B = feats.size(0), P = feats.size(2);
+  check_targets(ta, B, P);
+  if (tb.has_value()) check_targets(*tb, B, P);
+  const auto acc = acc_scalar_type(feats.scalar_type());
+  TORCH_CHECK(e.sizes() == feats.sizes() && e.scalar_type() == acc,
+              "E must be a (B, D, P) tensor of the accumulation dtype, got ", e.sizes(), " ",
+              e.scalar_type());
+  const auto gl = g_lse.contiguous(), ga = g_za.contiguous();
+  check_bp(gl, B, P, acc, "g_lse");
+  check_bp(ga, B, P, acc, "g_za");
+  at::Tensor gb;
+  if (g_zb.has_value()) {
+    gb = g_zb->contiguous();
+    check_bp(gb, B, P, acc, "g_zb");
+  }
+  TORCH_CHECK(gb.defined() == tb.has_value(), "g_zb must be given exactly when tb is");
+  // P / tau with a zero row C for absent targets
+  const auto ps = at::cat({scaled_protos(protos, 1.0 / tau), at::zeros({1, feats.size(1)},
+                                                                      gl.options())});
+  auto df = empty_like_bdp(feats);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_bwd_basis",
+                                  [&] {
+    ce_bwd_basis_kernel<scalar_t>(gl, ga, gb.defined() ? &gb : nullptr, e, ps,
+                                  ta.const_data_ptr<int64_t>(),
+                                  tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr, df);
+  });
+  return df;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
@@ -185,11 +312,17 @@ TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
   m.def("ce_bwd(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor feats, Tensor protos, "
         "Tensor ta, Tensor? tb, Tensor? bias, Tensor lse, float tau, bool need_feats, "
         "bool need_protos) -> (Tensor, Tensor)");
+  m.def("ce_fwd_basis(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
+        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_bwd_basis(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor E, Tensor feats, "
+        "Tensor protos, Tensor ta, Tensor? tb, float tau) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
   m.impl("ce_fwd", &ce_fwd);
   m.impl("ce_bwd", &ce_bwd);
+  m.impl("ce_fwd_basis", &ce_fwd_basis);
+  m.impl("ce_bwd_basis", &ce_bwd_basis);
 }
 
 }  // namespace mdp
