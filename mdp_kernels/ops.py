@@ -21,16 +21,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _none_if_empty(t: Tensor) -> Optional[Tensor]:
-    return None if t.numel() == 0 and t.dim() == 1 else t
-
-
 def _empty_grad(like: Tensor, needed: bool) -> Tensor:
     return torch.empty(like.shape if needed else (0,), dtype=like.dtype, device=like.device)
 
 
-def _grad(t: Optional[Tensor]) -> Tensor:
-    """Kernels take contiguous grads; a grad left None by autograd is zero."""
+def _grad(t: Tensor) -> Tensor:
+    """Kernels take contiguous grads."""
     return t.contiguous()
 
 
