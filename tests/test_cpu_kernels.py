@@ -122,11 +122,17 @@ def test_bank_kernels_match_reference(dtype, normalize):
 
 
 # ---------------------------------------------------------------- CE basis path
+@pytest.fixture(autouse=True)
+def _basis_for_any_c(monkeypatch):
+    """The tests below use small C; take the basis path there unless a test says not to."""
+    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 1)
+
+
 def ce_grads(f, p, y, yb, cm, need_p, basis, monkeypatch):
     """(loss, dF, dP) of a mixed, masked CE; ``basis`` False forces the logit recompute."""
     with monkeypatch.context() as m:
         if not basis:
-            m.setattr(mk.functional, "_save_basis", lambda name, feats: False)
+            m.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
         fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_(need_p)
         loss = mk.prototype_contrast_loss(fr, pr, y, labels_b=yb, lam=0.3, class_mask=cm,
                                           reduction="none", backend="cpu")
@@ -200,6 +206,15 @@ def test_basis_only_when_feature_grad_is_taken(monkeypatch):
     assert len(calls) == 1
 
 
+def test_basis_only_for_enough_classes(monkeypatch):
+    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 96)
+    calls = count_basis_calls(monkeypatch)
+    for c, expect in ((95, 0), (96, 1)):
+        f, p, y = make_case(1, 8, c, (4, 3))
+        mk.prototype_contrast_loss(f.requires_grad_(), p, y, backend="cpu").backward()
+        assert len(calls) == expect
+
+
 def test_basis_retain_graph_second_backward():
     """E is not overwritten by the backward: a second backward gives the same gradient."""
     f, p, y = make_case(2, 16, 9, (6, 7))
@@ -215,6 +230,6 @@ def test_basis_gradcheck(monkeypatch, basis):
     f, p, y = make_case(2, 6, 5, (3, 4), dtype=torch.float64)
     yb = torch.randint(0, 5, y.shape)
     if not basis:
-        monkeypatch.setattr(mk.functional, "_save_basis", lambda name, feats: False)
+        monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
     fn = lambda f: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, backend="cpu")
     assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(),))
