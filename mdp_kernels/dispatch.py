@@ -44,6 +44,13 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
           need_feats, need_protos) -> (dstudent (B,D,P) or None, dprotos (C,D) or None)``
     dz^s_ik = g_ce_i (softmax(z^s)_ik - t_ik); t is a constant (stop-gradient).
     dstudent_i = sum_k dz^s_ik P_k / tau_s; dprotos_k = sum_i dz^s_ik f_i / tau_s.
+``con_fwd_basis(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t,
+        G)``, optional like ``ce_fwd_basis``: ``con_fwd`` plus G_i = sum_k (softmax(z^s)_ik -
+    t_ik) P_k / tau_s, a ``(B, D, P)`` acc tensor laid out like ``student`` (0 on skipped
+    pixels).
+``con_bwd_basis(g_ce, G, student) -> dstudent (B,D,P) student.dtype``
+    dstudent_i = g_ce_i G_i: the ``con_bwd`` student gradient without recomputing logits
+    (``student`` gives only the output's dtype and layout).
 ``pix_fwd(q (B,D,P), k (B,D,Pk), qmask (B,P) bool, kmask (B,Pk) bool, tau) -> lse (B,P) acc``
     lse_i = logsumexp over keys j of the same image with kmask of q_i . k_j / tau, for
     query pixels with qmask (0 elsewhere, and 0 when an image has no valid key).
@@ -68,7 +75,7 @@ import torch
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
        "pix_fwd", "pix_bwd", "pseudo_label", "bank_slot", "bank_prototypes",
-       "ce_fwd_basis", "ce_bwd_basis")
+       "ce_fwd_basis", "ce_bwd_basis", "con_fwd_basis", "con_bwd_basis")
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
 # Why a backend cannot run here, filled in by the module that tried to load it.

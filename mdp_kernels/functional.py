@@ -90,14 +90,14 @@ def masked_average_pool(feats: Tensor, labels: Tensor, num_classes: int, *,
 BASIS_MIN_CLASSES = 96
 
 
-def _save_basis(name: str, feats: Tensor, num_classes: int) -> bool:
-    """Store the softmax expectation in the CE forward (``ce_fwd_basis``) so the feature
-    gradient needs no logit recompute: only when that gradient will be taken and C is
-    large enough for the saved GEMM to pay for the extra feature-sized pass."""
+def _save_basis(name: str, feats: Tensor, num_classes: int, op: str = "ce") -> bool:
+    """Store the gradient basis in the ``op`` ("ce" or "con") forward (``{op}_fwd_basis``)
+    so the feature gradient needs no logit recompute: only when that gradient will be
+    taken and C is large enough for the saved GEMM to pay for the extra feature-sized pass."""
     return (feats.requires_grad and torch.is_grad_enabled()
             and num_classes >= BASIS_MIN_CLASSES
-            and dispatch.has_kernel("ce_fwd_basis", name)
-            and dispatch.has_kernel("ce_bwd_basis", name))
+            and dispatch.has_kernel(f"{op}_fwd_basis", name)
+            and dispatch.has_kernel(f"{op}_bwd_basis", name))
 
 
 def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *,
@@ -235,9 +235,10 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     if class_mask is not None:
         keep = (torch.ones(as_bp(student[:, 0]).shape, dtype=torch.bool, device=student.device)
                 if keep is None else keep) & class_mask.any()
-    ce, ent, _, _ = ops.con_fwd(as_bdp(student), as_bdp(teacher.detach()),
-                                prototypes.contiguous(), _bias(class_mask), keep,
-                                float(tau_student), float(tau_teacher), name, check_finite)
+    ce, ent, _, _, _ = ops.con_fwd(as_bdp(student), as_bdp(teacher.detach()),
+                                   prototypes.contiguous(), _bias(class_mask), keep,
+                                   float(tau_student), float(tau_teacher), name, check_finite,
+                                   _save_basis(name, student, prototypes.shape[0], "con"))
     loss = ce if kind == "ce" else ce - ent
     count = loss.new_tensor(loss.numel()) if keep is None else keep.sum()
     return reference.reduce(loss, count, reduction, _spatial(student))

@@ -171,18 +171,29 @@ ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
 @torch.library.custom_op("mdp::con_fwd", mutates_args=())
 def con_fwd(student: Tensor, teacher: Tensor, protos: Tensor, bias: Optional[Tensor],
             mask: Optional[Tensor], tau_s: float, tau_t: float, backend: str,
-            check_finite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            check_finite: bool, save_basis: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(ce, ent, lse_s, lse_t, G): G from ``con_fwd_basis`` when ``save_basis``, else
+    empty (0,)."""
     if check_finite:
         validation.check_finite(student, "student")
         validation.check_finite(teacher, "teacher")
         validation.check_finite(protos, "prototypes")
-    return dispatch.kernel("con_fwd", backend)(student, teacher, protos, bias, mask, tau_s, tau_t)
+    args = (student, teacher, protos, bias, mask, tau_s, tau_t)
+    if save_basis:
+        return tuple(dispatch.kernel("con_fwd_basis", backend)(*args))
+    ce, ent, lse_s, lse_t = dispatch.kernel("con_fwd", backend)(*args)
+    return ce, ent, lse_s, lse_t, student.new_empty((0,), dtype=ce.dtype)
 
 
 @con_fwd.register_fake
-def _(student, teacher, protos, bias, mask, tau_s, tau_t, backend, check_finite):
+def _(student, teacher, protos, bias, mask, tau_s, tau_t, backend, check_finite,
+      save_basis=False):
     b, _, p = student.shape
-    return tuple(student.new_empty((b, p), dtype=acc_dtype(student.dtype)) for _ in range(4))
+    acc = acc_dtype(student.dtype)
+    g = (torch.empty_like(student, dtype=acc) if save_basis
+         else student.new_empty((0,), dtype=acc))
+    return tuple(student.new_empty((b, p), dtype=acc) for _ in range(4)) + (g,)
 
 
 @torch.library.custom_op("mdp::con_bwd", mutates_args=())
@@ -203,18 +214,37 @@ def _(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t, ne
     return _empty_grad(student, need_feats), _empty_grad(protos, need_protos)
 
 
+@torch.library.custom_op("mdp::con_bwd_basis", mutates_args=())
+def con_bwd_basis(g_ce: Tensor, basis: Tensor, student: Tensor, backend: str) -> Tensor:
+    return dispatch.kernel("con_bwd_basis", backend)(g_ce, basis, student)
+
+
+@con_bwd_basis.register_fake
+def _(g_ce, basis, student, backend):
+    return torch.empty_like(student)
+
+
 def _con_setup(ctx, inputs, output):
-    student, teacher, protos, bias, mask, tau_s, tau_t, backend, _ = inputs
-    ctx.save_for_backward(student, teacher, protos, bias, mask, output[2], output[3])
-    ctx.taus, ctx.backend = (tau_s, tau_t), backend
+    student, teacher, protos, bias, mask, tau_s, tau_t, backend, _, save_basis = inputs
+    ctx.save_for_backward(student, teacher, protos, bias, mask, output[2], output[3], output[4])
+    ctx.taus, ctx.backend, ctx.save_basis = (tau_s, tau_t), backend, save_basis
+    ctx.mark_non_differentiable(output[4])
+    ctx.set_materialize_grads(False)  # G's grad would be a student-sized zeros tensor
 
 
-def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t):
-    student, teacher, protos, bias, mask, lse_s, lse_t = ctx.saved_tensors
+def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t, _):
+    student, teacher, protos, bias, mask, lse_s, lse_t, basis = ctx.saved_tensors
     need_s, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    ds, dp = con_bwd(_grad(g_ce), student, teacher, protos, bias, mask, lse_s, lse_t,
-                     *ctx.taus, need_s, need_p, ctx.backend)
-    return (ds if need_s else None, None, dp if need_p else None) + (None,) * 6
+    g_ce = torch.zeros_like(lse_s) if g_ce is None else _grad(g_ce)
+    basis_s = need_s and ctx.save_basis
+    ds, dp = None, None
+    if basis_s:  # no logit recompute for dS; dP (if needed) still recomputes tiles
+        ds = con_bwd_basis(g_ce, basis, student, ctx.backend)
+    if (need_s and not basis_s) or need_p:
+        ds_r, dp = con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t,
+                           *ctx.taus, need_s and not basis_s, need_p, ctx.backend)
+        ds = ds if basis_s else ds_r
+    return (ds if need_s else None, None, dp if need_p else None) + (None,) * 7
 
 
 con_fwd.register_autograd(_con_backward, setup_context=_con_setup)

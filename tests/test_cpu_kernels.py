@@ -7,7 +7,8 @@ from conftest import require
 from helpers import make_case, rel_err, unit
 
 ALL_OPS = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "pseudo_label",
-           "bank_slot", "bank_prototypes", "ce_fwd_basis", "ce_bwd_basis")
+           "bank_slot", "bank_prototypes", "ce_fwd_basis", "ce_bwd_basis", "con_fwd_basis",
+           "con_bwd_basis")
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +94,11 @@ def test_skipped_pixels_are_exactly_zero():
     assert all((o[skip] == 0).all() for o in out)
     ds, _ = ops.con_bwd(g, f3, f3.flip(1), p, None, mask, out[2], out[3], 0.1, 0.05, True, False)
     assert (ds.permute(0, 2, 1)[skip] == 0).all() and (ds.permute(0, 2, 1)[mask] != 0).all()
+    outb = ops.con_fwd_basis(f3, f3.flip(1), p, None, mask, 0.1, 0.05)
+    assert all(torch.equal(a, b) for a, b in zip(outb[:4], out))
+    gs = outb[4]
+    assert (gs.permute(0, 2, 1)[skip] == 0).all() and (gs.permute(0, 2, 1)[mask] != 0).all()
+    assert rel_err(ops.con_bwd_basis(g, gs, f3), ds) <= 1e-6
     plse = ops.pix_fwd(f3, f3.flip(1), mask, mask, 0.1)
     assert (plse[skip] == 0).all() and (plse[mask] != 0).all()
     dq, dk = ops.pix_bwd(g, f3, f3.flip(1), mask, mask, plse, 0.1, True, True)
@@ -233,3 +239,117 @@ def test_basis_gradcheck(monkeypatch, basis):
         monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
     fn = lambda f: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, backend="cpu")
     assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(),))
+
+
+# ---------------------------------------------------------------- consistency basis path
+def con_grads(s, t, p, mask, cm, kind, need_p, basis, monkeypatch):
+    """(loss, dS, dP) of a masked consistency loss; ``basis`` False forces the recompute."""
+    with monkeypatch.context() as m:
+        if not basis:
+            m.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
+        sr, pr = s.clone().requires_grad_(), p.clone().requires_grad_(need_p)
+        loss = mk.prototype_consistency_loss(sr, t, pr, mask=mask, class_mask=cm, kind=kind,
+                                             reduction="none", backend="cpu")
+        w = torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)
+        (loss * w).sum().backward()
+    return loss.detach(), sr.grad, pr.grad
+
+
+def con_case(c, dtype=torch.float32, layout="bdhw"):
+    torch.manual_seed(c)
+    s, p, _ = make_case(2, 24, c, (13, 11), dtype=dtype)
+    t = s + 0.5 * torch.randn_like(s)
+    mask = torch.rand(2, 13, 11) > 0.3
+    cm = torch.rand(c) > 0.2
+    cm[0] = True
+    if layout == "nd":  # pixel-major (N, D): the other loop order of con_bwd_basis
+        s, t = (x.permute(0, 2, 3, 1).reshape(-1, 24) for x in (s, t))
+        mask = mask.flatten()
+    return s, t, p, mask, cm
+
+
+@pytest.mark.parametrize("c", [1, 19, 150])
+@pytest.mark.parametrize("layout", ["bdhw", "nd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("need_p", [False, True])
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_con_basis_matches_recompute(monkeypatch, c, layout, dtype, need_p, kind):
+    s, t, p, mask, cm = con_case(c, dtype, layout)
+    lb, sb, pb = con_grads(s, t, p, mask, cm, kind, need_p, True, monkeypatch)
+    lr, sr, pr = con_grads(s, t, p, mask, cm, kind, need_p, False, monkeypatch)
+    assert torch.equal(lb, lr)
+    assert sb.dtype == s.dtype and sb.stride() == s.stride()
+    rows = sb if layout == "nd" else sb.movedim(1, -1)  # pixel-major view
+    assert (rows[~mask] == 0).all()
+    if c == 1:  # one class: softmax = t = 1, dS is 0 up to rounding on both paths
+        assert sb.abs().max() <= 1e-5 and sr.abs().max() <= 1e-5
+    else:
+        assert rel_err(sb, sr) <= 1e-6, rel_err(sb, sr)
+    if need_p:
+        assert torch.equal(pb, pr)
+
+
+def test_con_basis_no_mask_and_all_classes_masked(monkeypatch):
+    s, t, p, _, _ = con_case(37)
+    for mask, cm in ((None, None), (None, torch.zeros(37, dtype=torch.bool))):
+        lb, sb, _ = con_grads(s, t, p, mask, cm, "ce", False, True, monkeypatch)
+        lr, sr, _ = con_grads(s, t, p, mask, cm, "ce", False, False, monkeypatch)
+        assert torch.equal(lb, lr) and rel_err(sb, sr) <= 1e-6
+    assert (sb == 0).all()
+
+
+def test_con_basis_low_precision(monkeypatch):
+    s, t, p, mask, cm = con_case(37, torch.bfloat16)
+    _, sb, _ = con_grads(s, t, p, mask, cm, "ce", False, True, monkeypatch)
+    _, sr, _ = con_grads(s, t, p, mask, cm, "ce", False, False, monkeypatch)
+    assert sb.dtype == torch.bfloat16 and rel_err(sb, sr) <= 1e-2
+
+
+@pytest.mark.parametrize("rows", ["1", "7", "1000"])
+def test_con_basis_chunk_size_invariance(monkeypatch, rows):
+    s, t, p, mask, cm = con_case(37)
+    base = con_grads(s, t, p, mask, cm, "kl", False, True, monkeypatch)
+    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
+    for a, b in zip(con_grads(s, t, p, mask, cm, "kl", False, True, monkeypatch)[:2], base[:2]):
+        assert rel_err(a, b) <= 1e-6, rel_err(a, b)
+
+
+def test_con_basis_only_when_student_grad_is_taken(monkeypatch):
+    calls = []
+    fwd = mk.dispatch.kernel("con_fwd_basis", "cpu")
+    monkeypatch.setitem(mk.dispatch._kernels["cpu"], "con_fwd_basis",
+                        lambda *a: calls.append(1) or fwd(*a))
+    s, p, _ = make_case(2, 8, 5, (4, 3))
+    t = torch.randn_like(s)
+    sr, pr = s.clone().requires_grad_(), p.clone().requires_grad_()
+    with torch.no_grad():
+        mk.prototype_consistency_loss(sr, t, pr, backend="cpu")
+    mk.prototype_consistency_loss(s, t, pr, backend="cpu").backward()
+    assert not calls and pr.grad is not None
+    mk.prototype_consistency_loss(sr, t, p, backend="cpu").backward()
+    assert len(calls) == 1
+    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 6)
+    mk.prototype_consistency_loss(sr, t, p, backend="cpu").backward()
+    assert len(calls) == 1
+
+
+def test_con_basis_retain_graph_second_backward():
+    """G is not overwritten by the backward: a second backward gives the same gradient."""
+    s, p, _ = make_case(2, 16, 9, (6, 7))
+    sr = s.clone().requires_grad_()
+    loss = mk.prototype_consistency_loss(sr, torch.randn_like(s), p, backend="cpu")
+    (g1,) = torch.autograd.grad(loss, sr, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, sr)
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("basis", [True, False])
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_con_basis_gradcheck(monkeypatch, basis, kind):
+    s, p, _ = make_case(2, 6, 5, (3, 4), dtype=torch.float64)
+    t = torch.randn_like(s)
+    mask = torch.rand(2, 3, 4) > 0.3
+    if not basis:
+        monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
+    fn = lambda s: mk.prototype_consistency_loss(s, t, p, mask=mask, kind=kind, backend="cpu")
+    assert torch.autograd.gradcheck(fn, (s.clone().requires_grad_(),))

@@ -5,6 +5,11 @@
 // tiles. Masked classes get a bias of -1e30 instead of -inf so that t * log t and t * log s
 // are exactly 0 there (exp underflows to 0) rather than NaN. The backward recomputes both
 // tiles and forms dZs = g (softmax(Zs) - t) in place.
+//
+// con_fwd_basis also stores G_i = (softmax(z^s_i) - t_i) @ P / tau_s (one more product per
+// chunk, on the tiles the forward already has), so that con_bwd_basis gets the student
+// gradient dS_i = g_ce_i G_i in one O(N D) pass: 2 matrix products for a forward + student
+// backward instead of 4.
 #include <torch/library.h>
 
 #include "tiles.h"
@@ -71,7 +76,7 @@ inline at::Tensor log_softmax_(at::Tensor& z) {
 
 template <typename T>
 void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tensor& lse_s,
-                    at::Tensor& lse_t) {
+                    at::Tensor& lse_t, at::Tensor* basis) {
   using A = acc_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const at::Tensor pst = a.ps.t(), ptt = a.pt.t();
@@ -79,10 +84,14 @@ void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tenso
                lse_t.mutable_data_ptr<A>()};
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
     ConTiles w(ch.rows, a.C, a.D, ce.options());
+    at::Tensor gbuf = basis ? at::empty({ch.rows, a.D}, ce.options()) : at::Tensor();
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
       const int64_t nv = kept(a.mask, off, n, w.idx.data());
-      if (nv == 0) continue;
+      if (nv == 0) {
+        if (basis) store_rows<A>(*basis, b, p0, n, w.idx.data(), 0, gbuf);
+        continue;
+      }
       auto zs = w.zs.narrow(0, 0, nv), zt = w.zt.narrow(0, 0, nv);
       at::mm_out(zs, load_rows<T>(a.student, b, p0, n, w.idx.data(), nv, w.sbuf), pst);
       at::mm_out(zt, load_rows<T>(a.teacher, b, p0, n, w.idx.data(), nv, w.tbuf), ptt);
@@ -98,23 +107,57 @@ void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tenso
         const A* v = vals[k].const_data_ptr<A>();
         for (int64_t i = 0; i < nv; ++i) out[k][off + w.idx[i]] = v[i];
       }
+      if (basis) {  // G = (s - t) @ P / tau_s, with zs turned into s - t in place
+        zs.exp_().sub_(t);
+        if (nv == n) {
+          auto o = out_rows(*basis, b, p0, n);
+          at::mm_out(o, zs, a.ps);
+        } else {
+          auto d = gbuf.narrow(0, 0, nv);
+          at::mm_out(d, zs, a.ps);
+          store_rows<A>(*basis, b, p0, n, w.idx.data(), nv, d);
+        }
+      }
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_fwd_impl(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& protos,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask, double tau_s,
+    double tau_t, bool with_basis) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
+  const ConArgs a = con_args(student, teacher, protos, bias, mask, tau_s, tau_t);
+  const auto opts = student.options().dtype(acc_scalar_type(student.scalar_type()));
+  at::Tensor o[4];
+  for (auto& t : o) t = at::zeros({a.B, a.P}, opts);
+  at::Tensor gs;  // laid out like the student, so the backward pass streams both alike
+  if (with_basis) gs = at::empty_like(student, opts, at::MemoryFormat::Preserve);
+  if (a.none) {
+    if (with_basis) gs.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "con_fwd",
+                                    [&] {
+      con_fwd_kernel<scalar_t>(a, o[0], o[1], o[2], o[3], with_basis ? &gs : nullptr);
+    });
+  }
+  return {o[0], o[1], o[2], o[3], gs};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& protos,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask, double tau_s,
     double tau_t) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
-  const ConArgs a = con_args(student, teacher, protos, bias, mask, tau_s, tau_t);
-  const auto opts = student.options().dtype(acc_scalar_type(student.scalar_type()));
-  at::Tensor o[4];
-  for (auto& t : o) t = at::zeros({a.B, a.P}, opts);
-  if (!a.none)
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "con_fwd",
-                                    [&] { con_fwd_kernel<scalar_t>(a, o[0], o[1], o[2], o[3]); });
-  return {o[0], o[1], o[2], o[3]};
+  auto [ce, ent, ls, lt, gs] = con_fwd_impl(student, teacher, protos, bias, mask, tau_s, tau_t,
+                                            false);
+  return {ce, ent, ls, lt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_fwd_basis(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& protos,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mask, double tau_s,
+    double tau_t) {
+  return con_fwd_impl(student, teacher, protos, bias, mask, tau_s, tau_t, true);
 }
 
 template <typename T>
@@ -197,6 +240,50 @@ std::tuple<at::Tensor, at::Tensor> con_bwd(
   return {ds, dp};
 }
 
+// dS = g_ce[:, None, :] * G; the loop order follows dS's layout ((B, D, P) or pixel-major).
+template <typename T>
+void con_bwd_basis_kernel(const at::Tensor& g_ce, const at::Tensor& gs, at::Tensor& ds) {
+  using A = acc_t<T>;
+  const int64_t B = ds.size(0), D = ds.size(1), P = ds.size(2);
+  const Chunks ch(B, P, 256);
+  const A* gp = g_ce.const_data_ptr<A>();
+  const int64_t sd = ds.stride(1), sp = ds.stride(2), ed = gs.stride(1), ep = gs.stride(2);
+  for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g);
+      const A* gc = gp + b * P + p0;
+      T* dst = ds.mutable_data_ptr<T>() + b * ds.stride(0) + p0 * sp;
+      const A* src = gs.const_data_ptr<A>() + b * gs.stride(0) + p0 * ep;
+      if (sp == 1) {
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t i = 0; i < n; ++i)
+            dst[d * sd + i] = static_cast<T>(gc[i] * src[d * ed + i * ep]);
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t d = 0; d < D; ++d)
+            dst[i * sp + d * sd] = static_cast<T>(gc[i] * src[d * ed + i * ep]);
+      }
+    }
+  });
+}
+
+at::Tensor con_bwd_basis(const at::Tensor& g_ce, const at::Tensor& gs,
+                         const at::Tensor& student) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
+  check_bdp(student, "student");
+  const auto acc = acc_scalar_type(student.scalar_type());
+  TORCH_CHECK(gs.sizes() == student.sizes() && gs.scalar_type() == acc,
+              "G must be a (B, D, P) tensor of the accumulation dtype, got ", gs.sizes(), " ",
+              gs.scalar_type());
+  const auto g = g_ce.contiguous();
+  check_bp(g, student.size(0), student.size(2), acc, "g_ce");
+  auto ds = empty_like_bdp(student);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(),
+                                  "con_bwd_basis",
+                                  [&] { con_bwd_basis_kernel<scalar_t>(g, gs, ds); });
+  return ds;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
@@ -205,11 +292,16 @@ TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
   m.def("con_bwd(Tensor g_ce, Tensor student, Tensor teacher, Tensor protos, Tensor? bias, "
         "Tensor? mask, Tensor lse_s, Tensor lse_t, float tau_s, float tau_t, bool need_feats, "
         "bool need_protos) -> (Tensor, Tensor)");
+  m.def("con_fwd_basis(Tensor student, Tensor teacher, Tensor protos, Tensor? bias, "
+        "Tensor? mask, float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("con_bwd_basis(Tensor g_ce, Tensor G, Tensor student) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
   m.impl("con_fwd", &con_fwd);
   m.impl("con_bwd", &con_bwd);
+  m.impl("con_fwd_basis", &con_fwd_basis);
+  m.impl("con_bwd_basis", &con_bwd_basis);
 }
 
 }  // namespace mdp
