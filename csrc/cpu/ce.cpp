@@ -46,6 +46,30 @@ CeArgs ce_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tens
           B, feats.size(1), P, C};
 }
 
+// Chunk g of the pixel grid: where it lies, its targets, and how many pixels have one
+// (their chunk offsets are written to idx).
+struct CeChunk {
+  int64_t b, p0, n, off;
+  const int64_t* ta;
+  const int64_t* tb;
+  int64_t nv;
+  CeChunk(const CeArgs& a, const Chunks& ch, int64_t g, int64_t* idx)
+      : b(ch.image(g)), p0(ch.start(g)), n(ch.size(g)), off(b * a.P + p0), ta(a.ta + off),
+        tb(a.tb ? a.tb + off : nullptr), nv(kept(ta, tb, n, idx)) {}
+};
+
+// The kept pixels' features f (nv, D) and their logit tile z = f @ (P / tau)^T + bias.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> chunk_logits(const CeArgs& a, const CeChunk& c,
+                                               const int64_t* idx, at::Tensor& tile,
+                                               at::Tensor& buf, const at::Tensor& pt) {
+  auto f = load_rows<T>(a.feats, c.b, c.p0, c.n, idx, c.nv, buf);
+  auto z = tile.narrow(0, 0, c.nv);
+  at::mm_out(z, f, pt);
+  if (a.bias.defined()) z.add_(a.bias);
+  return {f, z};
+}
+
 template <typename T>
 void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
                    at::Tensor* basis) {
@@ -61,17 +85,14 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
     at::Tensor ebuf = basis ? at::empty({ch.rows, a.D}, opts) : at::Tensor();
     std::vector<int64_t> idx(ch.rows);
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
-      const int64_t* ta = a.ta + off;
-      const int64_t* tb = a.tb ? a.tb + off : nullptr;
-      const int64_t nv = kept(ta, tb, n, idx.data());
+      const CeChunk c(a, ch, g, idx.data());
+      const int64_t b = c.b, p0 = c.p0, n = c.n, off = c.off, nv = c.nv;
+      const int64_t *ta = c.ta, *tb = c.tb;
       if (nv == 0) {
         if (basis) store_rows<A>(*basis, b, p0, n, idx.data(), 0, ebuf);
         continue;
       }
-      auto z = tile.narrow(0, 0, nv);
-      at::mm_out(z, load_rows<T>(a.feats, b, p0, n, idx.data(), nv, buf), pt);
-      if (a.bias.defined()) z.add_(a.bias);
+      at::Tensor z = chunk_logits<T>(a, c, idx.data(), tile, buf, pt).second;
       const A* zp = z.const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) {
         const int64_t p = idx[i];
@@ -151,18 +172,15 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
     if (dprotos) dp = dps[part] = at::zeros({a.C, a.D}, opts);
     std::vector<int64_t> idx(ch.rows);
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
-      const int64_t* ta = a.ta + off;
-      const int64_t* tb = a.tb ? a.tb + off : nullptr;
-      const int64_t nv = kept(ta, tb, n, idx.data());
+      const CeChunk c(a, ch, g, idx.data());
+      const int64_t b = c.b, p0 = c.p0, n = c.n, off = c.off, nv = c.nv;
+      const int64_t *ta = c.ta, *tb = c.tb;
       if (nv == 0) {
         if (dfeats) store_rows<T>(*dfeats, b, p0, n, idx.data(), 0, dbuf);
         continue;
       }
-      auto f = load_rows<T>(a.feats, b, p0, n, idx.data(), nv, buf);
-      auto z = tile.narrow(0, 0, nv);
-      at::mm_out(z, f, pt);
-      if (a.bias.defined()) z.add_(a.bias);
+      at::Tensor f, z;
+      std::tie(f, z) = chunk_logits<T>(a, c, idx.data(), tile, buf, pt);
       // dz = g_lse * softmax(z) + g_za [k = ta] + g_zb [k = tb]
       z.sub_(gather_col(lp + off, idx.data(), nv, col)).exp_();
       z.mul_(gather_col(gl + off, idx.data(), nv, gcol));
