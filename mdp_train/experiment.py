@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, help="override the number of fine-tuning seeds")
     ap.add_argument("--pretrain-seeds", type=int,
                     help="override the number of pretraining runs per arm")
+    ap.add_argument("--pretrain-steps", type=int,
+                    help="override the pretraining length (a budget-sensitivity run: default "
+                         "folder out/camvid-full-pre<N>, results camvid-pre<N>.md/.png)")
     ap.add_argument("--estimate", type=int, metavar="STEPS",
                     help="only time STEPS steps of the budget and print the full-run estimate")
     args = ap.parse_args(argv)
@@ -240,10 +243,14 @@ def main(argv: list[str] | None = None) -> None:
         budget["seeds"] = args.seeds
     if args.pretrain_seeds:
         budget["pretrain_seeds"] = args.pretrain_seeds
+    pre = ""
+    if args.pretrain_steps:
+        budget["pretrain"] = dict(budget["pretrain"], steps=args.pretrain_steps)
+        pre = f"-pre{args.pretrain_steps}"
     data = Path(args.data)
     if not (data / "classes.txt").is_file():
         raise SystemExit(f"no CamVid at {data} (see its README; set --data or MDP_CAMVID)")
-    root = Path(args.out or REPO / "out" / f"camvid-{name}")
+    root = Path(args.out or REPO / "out" / f"camvid-{name}{pre}")
     if args.estimate:
         est = estimate(data, budget, args.estimate, root)
         print(json.dumps(est, indent=1))
@@ -255,13 +262,15 @@ def main(argv: list[str] | None = None) -> None:
             r = run_arm(data, arm, budget, seed, root)
             print(f"   mIoU {100 * r['miou']:.2f}", flush=True)
             results.setdefault(arm, []).append(r)
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + pre
     res_dir = Path(args.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    print(summarise({a: results[a] for a in args.arms}, budget,
-                    "SMOKE RUN, tiny budget: not a reproduction" if args.quick else
-                    "full budget", res_dir / f"camvid{suffix}.md",
-                    res_dir / f"camvid{suffix}.png", QUICK_NOTE if args.quick else ""))
+    title = ("SMOKE RUN, tiny budget: not a reproduction" if args.quick else
+             "full budget" if not args.pretrain_steps else
+             f"full budget, pretraining {args.pretrain_steps} steps")
+    print(summarise({a: results[a] for a in args.arms}, budget, title,
+                    res_dir / f"camvid{suffix}.md", res_dir / f"camvid{suffix}.png",
+                    QUICK_NOTE if args.quick else ""))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,18 @@ def test_experiment_driver_quick_and_resume(tmp_path, capsys):
     assert f"{100 * first['miou']:.2f}" in capsys.readouterr().out
 
 
+def test_experiment_pretrain_steps_override(tmp_path):
+    from mdp_train import experiment
+    cv = _fake_camvid(tmp_path)
+    experiment.main(["--quick", "--data", str(cv), "--out", str(tmp_path / "runs"), "--results",
+                     str(tmp_path / "res"), "--arms", "mdp", "--pretrain-steps", "2"])
+    md = (tmp_path / "res" / "camvid-quick-pre2.md").read_text()
+    assert "Pretraining: 2 steps x batch" in md
+    log = (tmp_path / "runs" / "mdp" / "pretrain-seed0" / "metrics.jsonl").read_text()
+    assert max(json.loads(l)["step"] for l in log.splitlines()) == 2
+    assert not (tmp_path / "res" / "camvid-quick.md").exists()
+
+
 def test_initialise_scopes(pretrained):
     from mdp_train.finetune import SegNet, initialise
     pre = read_checkpoint(pretrained)["state"]
