@@ -36,6 +36,12 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
     dfeats_i = g_lse_i E_i + g_za_i P_{ta_i} / tau + g_zb_i P_{tb_i} / tau (a term only where
     its target is >= 0; 0 on skipped pixels): the ``ce_bwd`` feature gradient without
     recomputing logits (``feats`` gives only the output's dtype and layout).
+``ce_fwd_probs(feats, protos, ta, tb, bias, tau) -> (lse, za, zb, S)``, optional like
+        ``ce_fwd_basis``: ``ce_fwd`` plus the softmax S_ik = exp(z_ik - lse_i), a contiguous
+    ``(B, P, C)`` acc tensor (0 on skipped pixels); worth its memory only for few classes.
+``ce_bwd_probs(g_lse, g_za, g_zb, S, feats, protos, ta, tb, tau, need_feats, need_protos)
+        -> (dfeats or None, dprotos or None)``: ``ce_bwd`` with dz_ik = g_lse_i S_ik + ...,
+    no logit recompute.
 ``con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t)``
     each ``(B, P)`` acc; ``mask`` is None or bool ``(B, P)`` (False: skipped, all zeros).
     s = log_softmax(z^s), t = softmax(z^t) (z^s with tau_s on the student, z^t with tau_t
@@ -75,7 +81,8 @@ import torch
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
        "pix_fwd", "pix_bwd", "pseudo_label", "bank_slot", "bank_prototypes",
-       "ce_fwd_basis", "ce_bwd_basis", "con_fwd_basis", "con_bwd_basis")
+       "ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs", "con_fwd_basis",
+       "con_bwd_basis")
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
 # Why a backend cannot run here, filled in by the module that tried to load it.

@@ -100,6 +100,22 @@ def _save_basis(name: str, feats: Tensor, num_classes: int, op: str = "ce") -> b
             and dispatch.has_kernel(f"{op}_bwd_basis", name))
 
 
+def _ce_saved(name: str, feats: Tensor, prototypes: Tensor) -> str:
+    """What the CE forward keeps for its backward (``ops.ce_fwd``'s ``save``): the basis E
+    for many classes; for fewer classes than ``BASIS_MIN_CLASSES`` and at most D / 2 (the
+    softmax is then at most half the features' size, so memory stays O(N D)) the softmax
+    S itself, so the backward needs no logit recompute for dF nor dP; else nothing."""
+    c, d = prototypes.shape
+    if not torch.is_grad_enabled() or not (feats.requires_grad or prototypes.requires_grad):
+        return "none"
+    if _save_basis(name, feats, c):
+        return "basis"
+    if (c < BASIS_MIN_CLASSES and 2 * c <= d and dispatch.has_kernel("ce_fwd_probs", name)
+            and dispatch.has_kernel("ce_bwd_probs", name)):
+        return "probs"
+    return "none"
+
+
 def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *,
                             tau: float = 0.07, ignore_index: int = 255,
                             class_mask: Tensor | None = None, labels_b: Tensor | None = None,
@@ -131,11 +147,13 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
             read; turn off for speed).
 
-    cpu backend: when ``feats`` requires grad, the forward also keeps the softmax
-    expectation ``E_i = sum_k softmax(z_i)_k P_k / tau``, one feature-sized float32 (float64)
-    buffer alive until the backward, so the feature gradient is an O(N D) pass instead of
-    recomputing the logits (2 matrix products per forward + backward instead of 3).
-    Prototype gradients still recompute the logit tiles.
+    cpu backend, when a gradient will be taken (2 matrix products per forward + feature
+    backward instead of 3): with C >= 96 and ``feats`` requiring grad, the forward keeps
+    the softmax expectation ``E_i = sum_k softmax(z_i)_k P_k / tau``, one feature-sized
+    float32 (float64) buffer alive until the backward, so the feature gradient is an
+    O(N D) pass (prototype gradients still recompute the logit tiles). With C < 96 and
+    ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most half the features' size,
+    what eager autograd keeps too), and neither gradient recomputes logits.
 
     Returns:
         float32 loss (float64 for float64 inputs).
@@ -165,7 +183,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     tb = None if labels_b is None else ops.targets(as_bp(labels_b), class_mask, c, ignore_index)
     lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), prototypes.contiguous(), ta, tb,
                                 _bias(class_mask), float(tau), name, check_finite,
-                                _save_basis(name, feats, c))
+                                _ce_saved(name, feats, prototypes))
     va = ta >= 0
     la = torch.where(va, lse - za, 0.0)
     if tb is None:

@@ -88,23 +88,27 @@ class_sums.register_autograd(_class_sums_backward, setup_context=_class_sums_set
 @torch.library.custom_op("mdp::ce_fwd", mutates_args=())
 def ce_fwd(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
            bias: Optional[Tensor], tau: float, backend: str, check_finite: bool,
-           save_basis: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lse, za, zb, E): E from ``ce_fwd_basis`` when ``save_basis``, else empty (0,)."""
+           save: str = "none") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lse, za, zb, X): what the backward reuses, by ``save``: "basis" X = E from
+    ``ce_fwd_basis``, "probs" X = S from ``ce_fwd_probs``, "none" X empty (0,)."""
     if check_finite:
         validation.check_finite(feats, "feats")
         validation.check_finite(protos, "prototypes")
-    if save_basis:
-        return tuple(dispatch.kernel("ce_fwd_basis", backend)(feats, protos, ta, tb, bias, tau))
+    if save != "none":
+        return tuple(dispatch.kernel(f"ce_fwd_{save}", backend)(feats, protos, ta, tb, bias,
+                                                                 tau))
     lse, za, zb = dispatch.kernel("ce_fwd", backend)(feats, protos, ta, tb, bias, tau)
     return lse, za, zb, feats.new_empty((0,), dtype=lse.dtype)
 
 
 @ce_fwd.register_fake
-def _(feats, protos, ta, tb, bias, tau, backend, check_finite, save_basis=False):
+def _(feats, protos, ta, tb, bias, tau, backend, check_finite, save="none"):
     b, _, p = feats.shape
     acc = acc_dtype(feats.dtype)
-    e = torch.empty_like(feats, dtype=acc) if save_basis else feats.new_empty((0,), dtype=acc)
-    return tuple(feats.new_empty((b, p), dtype=acc) for _ in range(3)) + (e,)
+    x = {"basis": lambda: torch.empty_like(feats, dtype=acc),
+         "probs": lambda: feats.new_empty((b, p, protos.shape[0]), dtype=acc),
+         "none": lambda: feats.new_empty((0,), dtype=acc)}[save]()
+    return tuple(feats.new_empty((b, p), dtype=acc) for _ in range(3)) + (x,)
 
 
 @torch.library.custom_op("mdp::ce_bwd", mutates_args=())
@@ -136,26 +140,45 @@ def _(g_lse, g_za, g_zb, basis, feats, protos, ta, tb, tau, backend):
     return torch.empty_like(feats)
 
 
+@torch.library.custom_op("mdp::ce_bwd_probs", mutates_args=())
+def ce_bwd_probs(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], probs: Tensor,
+                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: float,
+                 need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
+    df, dp = dispatch.kernel("ce_bwd_probs", backend)(g_lse, g_za, g_zb, probs, feats, protos,
+                                                      ta, tb, tau, need_feats, need_protos)
+    return (df if need_feats else _empty_grad(feats, False),
+            dp if need_protos else _empty_grad(protos, False))
+
+
+@ce_bwd_probs.register_fake
+def _(g_lse, g_za, g_zb, probs, feats, protos, ta, tb, tau, need_feats, need_protos, backend):
+    return _empty_grad(feats, need_feats), _empty_grad(protos, need_protos)
+
+
 def _ce_setup(ctx, inputs, output):
-    feats, protos, ta, tb, bias, tau, backend, _, save_basis = inputs
+    feats, protos, ta, tb, bias, tau, backend, _, save = inputs
     ctx.save_for_backward(feats, protos, ta, tb, bias, output[0], output[3])
-    ctx.tau, ctx.backend, ctx.save_basis = tau, backend, save_basis
+    ctx.tau, ctx.backend, ctx.save = tau, backend, save
     ctx.mark_non_differentiable(output[3])
-    ctx.set_materialize_grads(False)  # E's grad would be a feature-sized zeros tensor
+    ctx.set_materialize_grads(False)  # else the saved tensor would get a zeros gradient
 
 
 def _ce_backward(ctx, g_lse, g_za, g_zb, _):
-    feats, protos, ta, tb, bias, lse, basis = ctx.saved_tensors
+    feats, protos, ta, tb, bias, lse, saved = ctx.saved_tensors
     need_f, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     g_lse, g_za = (torch.zeros_like(lse) if g is None else _grad(g) for g in (g_lse, g_za))
     if tb is not None:
         g_zb = torch.zeros_like(lse) if g_zb is None else _grad(g_zb)
     else:
         g_zb = None
-    basis_f = need_f and ctx.save_basis
+    if ctx.save == "probs":  # no logit recompute at all
+        df, dp = ce_bwd_probs(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, ctx.tau,
+                              need_f, need_p, ctx.backend)
+        return (df if need_f else None, dp if need_p else None) + (None,) * 7
+    basis_f = need_f and ctx.save == "basis"
     df, dp = None, None
     if basis_f:  # no logit recompute for dF; dP (if needed) still recomputes tiles
-        df = ce_bwd_basis(g_lse, g_za, g_zb, basis, feats, protos, ta, tb, ctx.tau,
+        df = ce_bwd_basis(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, ctx.tau,
                           ctx.backend)
     if (need_f and not basis_f) or need_p:
         df_r, dp = ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, ctx.tau,

@@ -89,6 +89,13 @@ def test_skipped_pixels_are_exactly_zero():
     assert (e.permute(0, 2, 1)[skip] == 0).all() and (e.permute(0, 2, 1)[~skip] != 0).all()
     dfb = ops.ce_bwd_basis(g, -g, None, e, f3, p, ta, None, 0.1)
     assert (dfb.permute(0, 2, 1)[skip] == 0).all() and rel_err(dfb, df) <= 1e-6
+    outp = ops.ce_fwd_probs(f3, p, ta, None, None, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(outp[:3], (lse, za, zb)))
+    sm = outp[3]
+    assert (sm[skip] == 0).all() and rel_err(sm.sum(-1)[~skip], torch.ones(1)) <= 1e-6
+    dfp, dpp = ops.ce_bwd_probs(g, -g, None, sm, f3, p, ta, None, 0.1, True, True)
+    assert (dfp.permute(0, 2, 1)[skip] == 0).all() and rel_err(dfp, df) <= 1e-6
+    assert rel_err(dpp, dp) <= 1e-6
     mask = ~skip
     out = ops.con_fwd(f3, f3.flip(1), p, None, mask, 0.1, 0.05)
     assert all((o[skip] == 0).all() for o in out)
@@ -127,18 +134,18 @@ def test_bank_kernels_match_reference(dtype, normalize):
     assert rel_err(P, rP) <= 1e-6
 
 
-# ---------------------------------------------------------------- CE basis path
+# ---------------------------------------------------------------- CE saved basis / softmax
 @pytest.fixture(autouse=True)
 def _basis_for_any_c(monkeypatch):
     """The tests below use small C; take the basis path there unless a test says not to."""
     monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 1)
 
 
-def ce_grads(f, p, y, yb, cm, need_p, basis, monkeypatch):
-    """(loss, dF, dP) of a mixed, masked CE; ``basis`` False forces the logit recompute."""
+def ce_grads(f, p, y, yb, cm, need_p, save, monkeypatch):
+    """(loss, dF, dP) of a mixed, masked CE with the forward keeping ``save`` ("basis",
+    "probs", or "none": the backward recomputes the logits)."""
     with monkeypatch.context() as m:
-        if not basis:
-            m.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
+        m.setattr(mk.functional, "_ce_saved", lambda *a: save)
         fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_(need_p)
         loss = mk.prototype_contrast_loss(fr, pr, y, labels_b=yb, lam=0.3, class_mask=cm,
                                           reduction="none", backend="cpu")
@@ -147,9 +154,9 @@ def ce_grads(f, p, y, yb, cm, need_p, basis, monkeypatch):
     return loss.detach(), fr.grad, pr.grad
 
 
-def ce_case(c, dtype=torch.float32, layout="bdhw"):
+def ce_case(c, dtype=torch.float32, layout="bdhw", ignore_frac=0.2):
     torch.manual_seed(c)
-    f, p, y = make_case(2, 24, c, (13, 11), dtype=dtype)
+    f, p, y = make_case(2, 24, c, (13, 11), dtype=dtype, ignore_frac=ignore_frac)
     yb = torch.randint(0, c, y.shape)
     cm = torch.rand(c) > 0.2
     cm[0] = True
@@ -158,87 +165,112 @@ def ce_case(c, dtype=torch.float32, layout="bdhw"):
     return f, p, y, yb, cm
 
 
+@pytest.mark.parametrize("save", ["basis", "probs"])
 @pytest.mark.parametrize("c", [1, 19, 150])
 @pytest.mark.parametrize("layout", ["bdhw", "nd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("need_p", [False, True])
-def test_basis_matches_recompute(monkeypatch, c, layout, dtype, need_p):
+def test_saved_matches_recompute(monkeypatch, save, c, layout, dtype, need_p):
     f, p, y, yb, cm = ce_case(c, dtype, layout)
-    lb, fb, pb = ce_grads(f, p, y, yb, cm, need_p, True, monkeypatch)
-    lr, fr, pr = ce_grads(f, p, y, yb, cm, need_p, False, monkeypatch)
+    lb, fb, pb = ce_grads(f, p, y, yb, cm, need_p, save, monkeypatch)
+    lr, fr, pr = ce_grads(f, p, y, yb, cm, need_p, "none", monkeypatch)
     assert torch.equal(lb, lr)
     assert fb.dtype == f.dtype and fb.stride() == f.stride()
     if c == 1:  # one class: softmax = 1, dF is 0 up to rounding on both paths
         assert fb.abs().max() <= 1e-5 and fr.abs().max() <= 1e-5
     else:
         assert rel_err(fb, fr) <= 1e-6, rel_err(fb, fr)
-    if need_p:
+    if need_p and save == "basis":  # dP recomputes the tiles as without a basis
         assert torch.equal(pb, pr)
+    elif need_p:
+        assert rel_err(pb, pr) <= 1e-6, rel_err(pb, pr)
 
 
-def test_basis_low_precision(monkeypatch):
-    f, p, y, yb, cm = ce_case(37, torch.bfloat16)
-    _, fb, _ = ce_grads(f, p, y, yb, cm, False, True, monkeypatch)
-    _, fr, _ = ce_grads(f, p, y, yb, cm, False, False, monkeypatch)
-    assert fb.dtype == torch.bfloat16 and rel_err(fb, fr) <= 1e-2
-
-
-@pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
-def test_basis_chunk_size_invariance(monkeypatch, rows):
-    f, p, y, yb, cm = ce_case(37)
-    base = ce_grads(f, p, y, yb, cm, False, True, monkeypatch)
-    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-    for a, b in zip(ce_grads(f, p, y, yb, cm, False, True, monkeypatch)[:2], base[:2]):
+def test_probs_all_pixels_kept(monkeypatch):
+    """No ignored pixel: every chunk writes its softmax straight into S's rows."""
+    f, p, y, yb, cm = ce_case(19, ignore_frac=0.0)
+    cm[:] = True
+    got = ce_grads(f, p, y, yb, cm, True, "probs", monkeypatch)
+    ref = ce_grads(f, p, y, yb, cm, True, "none", monkeypatch)
+    for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 
-def count_basis_calls(monkeypatch):
+@pytest.mark.parametrize("save", ["basis", "probs"])
+def test_saved_low_precision(monkeypatch, save):
+    f, p, y, yb, cm = ce_case(37, torch.bfloat16)
+    _, fb, _ = ce_grads(f, p, y, yb, cm, False, save, monkeypatch)
+    _, fr, _ = ce_grads(f, p, y, yb, cm, False, "none", monkeypatch)
+    assert fb.dtype == torch.bfloat16 and rel_err(fb, fr) <= 1e-2
+
+
+@pytest.mark.parametrize("save", ["basis", "probs"])
+@pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
+def test_saved_chunk_size_invariance(monkeypatch, save, rows):
+    f, p, y, yb, cm = ce_case(37)
+    base = ce_grads(f, p, y, yb, cm, True, save, monkeypatch)
+    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
+    for a, b in zip(ce_grads(f, p, y, yb, cm, True, save, monkeypatch), base):
+        assert rel_err(a, b) <= 1e-6, rel_err(a, b)
+
+
+def test_saved_only_with_a_gradient(monkeypatch):
     calls = []
-    fwd = mk.dispatch.kernel("ce_fwd_basis", "cpu")
-    monkeypatch.setitem(mk.dispatch._kernels["cpu"], "ce_fwd_basis",
-                        lambda *a: calls.append(1) or fwd(*a))
-    return calls
-
-
-def test_basis_only_when_feature_grad_is_taken(monkeypatch):
-    calls = count_basis_calls(monkeypatch)
-    f, p, y = make_case(2, 8, 5, (4, 3))
+    for op in ("ce_fwd_basis", "ce_fwd_probs"):
+        fn = mk.dispatch.kernel(op, "cpu")
+        monkeypatch.setitem(mk.dispatch._kernels["cpu"], op,
+                            lambda *a, fn=fn, op=op: calls.append(op) or fn(*a))
+    f, p, y = make_case(2, 16, 5, (4, 3))
     fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_()
     with torch.no_grad():
         mk.prototype_contrast_loss(fr, pr, y, backend="cpu")
-    mk.prototype_contrast_loss(f, pr, y, backend="cpu").backward()
+    mk.prototype_contrast_loss(f, p, y, backend="cpu")
     assert not calls
+    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 6)
+    mk.prototype_contrast_loss(f, pr, y, backend="cpu").backward()
+    assert calls == ["ce_fwd_probs"]
+    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 5)
     mk.prototype_contrast_loss(fr, p, y, backend="cpu").backward()
-    assert len(calls) == 1
+    assert calls == ["ce_fwd_probs", "ce_fwd_basis"]
 
 
-def test_basis_only_for_enough_classes(monkeypatch):
+def test_saved_choice(monkeypatch):
+    """basis: C >= BASIS_MIN_CLASSES with a feature gradient; probs: fewer classes and
+    2 C <= D (also for a prototype gradient alone); else nothing."""
     monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 96)
-    calls = count_basis_calls(monkeypatch)
-    for c, expect in ((95, 0), (96, 1)):
-        f, p, y = make_case(1, 8, c, (4, 3))
-        mk.prototype_contrast_loss(f.requires_grad_(), p, y, backend="cpu").backward()
-        assert len(calls) == expect
+    choose = mk.functional._ce_saved
+    for c, d, need_f, need_p, expect in ((96, 64, True, False, "basis"),
+                                         (96, 64, False, True, "none"),
+                                         (95, 190, True, False, "probs"),
+                                         (95, 189, True, True, "none"),
+                                         (19, 64, False, True, "probs"),
+                                         (19, 64, False, False, "none")):
+        f, p = torch.randn(3, d).requires_grad_(need_f), torch.randn(c, d).requires_grad_(need_p)
+        assert choose("cpu", f, p) == expect, (c, d, need_f, need_p)
+    f, p = torch.randn(3, 64, requires_grad=True), torch.randn(19, 64)
+    assert choose("triton", f, p) == "none"  # a backend without the optional kernels
 
 
-def test_basis_retain_graph_second_backward():
-    """E is not overwritten by the backward: a second backward gives the same gradient."""
+@pytest.mark.parametrize("save", ["basis", "probs"])
+def test_saved_retain_graph_second_backward(monkeypatch, save):
+    """The saved tensor is not overwritten by the backward: a second backward gives the
+    same gradients."""
+    monkeypatch.setattr(mk.functional, "_ce_saved", lambda *a: save)
     f, p, y = make_case(2, 16, 9, (6, 7))
-    fr = f.clone().requires_grad_()
-    loss = mk.prototype_contrast_loss(fr, p, y, backend="cpu")
-    (g1,) = torch.autograd.grad(loss, fr, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, fr)
-    assert torch.equal(g1, g2)
+    fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_()
+    loss = mk.prototype_contrast_loss(fr, pr, y, backend="cpu")
+    g1 = torch.autograd.grad(loss, (fr, pr), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (fr, pr))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-@pytest.mark.parametrize("basis", [True, False])
-def test_basis_gradcheck(monkeypatch, basis):
+@pytest.mark.parametrize("save", ["basis", "probs", "none"])
+def test_saved_gradcheck(monkeypatch, save):
     f, p, y = make_case(2, 6, 5, (3, 4), dtype=torch.float64)
     yb = torch.randint(0, 5, y.shape)
-    if not basis:
-        monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
-    fn = lambda f: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, backend="cpu")
-    assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(),))
+    monkeypatch.setattr(mk.functional, "_ce_saved", lambda *a: save)
+    fn = lambda f, p: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, backend="cpu")
+    assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(), p.clone().requires_grad_()))
 
 
 # ---------------------------------------------------------------- consistency basis path

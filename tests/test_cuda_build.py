@@ -16,8 +16,9 @@ import check_cuda  # noqa: E402
 
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 # The cuda backend leaves the consistency and pixel-to-pixel phases to Triton / the reference.
-SKIPPED = {"con_fwd", "con_bwd", "pix_fwd", "pix_bwd",
-           "ce_fwd_basis", "ce_bwd_basis", "con_fwd_basis", "con_bwd_basis"}  # the basis path is CPU-only (dispatch.py)
+# The saved-basis and saved-softmax paths are CPU-only.
+SKIPPED = {"con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "ce_fwd_basis", "ce_bwd_basis",
+           "ce_fwd_probs", "ce_bwd_probs", "con_fwd_basis", "con_bwd_basis"}
 
 
 def _blocks(text: str, head: str) -> str:

@@ -9,6 +9,9 @@
 // (one more product per chunk, on the exp tile the forward already has), so that
 // ce_bwd_basis gets dF_i = g_lse_i E_i + g_za_i P_ta / tau + g_zb_i P_tb / tau in one
 // O(N D) pass: 2 matrix products for a forward + feature backward instead of 3.
+//
+// ce_fwd_probs instead stores the softmax S (B, P, C), which for few classes is smaller than
+// the features: ce_bwd_probs builds dZ from it and needs no logit recompute for dF or dP.
 #include <torch/library.h>
 
 #include "tiles.h"
@@ -70,9 +73,24 @@ std::pair<at::Tensor, at::Tensor> chunk_logits(const CeArgs& a, const CeChunk& c
   return {f, z};
 }
 
+// Writes the nv tile rows to the chunk's rows off + idx[i] of S (N, C), zeros to the others.
+template <typename A>
+void store_probs(at::Tensor& S, int64_t off, int64_t n, const int64_t* idx, int64_t nv,
+                 const at::Tensor& z) {
+  const int64_t C = S.size(1);
+  A* dst = S.mutable_data_ptr<A>() + off * C;
+  const A* src = z.const_data_ptr<A>();
+  for (int64_t i = 0, j = 0; i < n; ++i) {
+    const bool keep = j < nv && idx[j] == i;
+    for (int64_t k = 0; k < C; ++k) dst[i * C + k] = keep ? src[j * C + k] : A(0);
+    j += keep;
+  }
+}
+
+// basis: E (B, D, P) or null; probs: S (B, P, C) or null (at most one of them).
 template <typename T>
 void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
-                   at::Tensor* basis) {
+                   at::Tensor* basis, at::Tensor* probs) {
   using A = acc_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const auto opts = lse.options();
@@ -80,6 +98,7 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
   A* lse_p = lse.mutable_data_ptr<A>();
   A* za_p = za.mutable_data_ptr<A>();
   A* zb_p = zb.mutable_data_ptr<A>();
+  at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
     auto tile = at::empty({ch.rows, a.C}, opts), buf = at::empty({ch.rows, a.D}, opts);
     at::Tensor ebuf = basis ? at::empty({ch.rows, a.D}, opts) : at::Tensor();
@@ -90,9 +109,12 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
       const int64_t *ta = c.ta, *tb = c.tb;
       if (nv == 0) {
         if (basis) store_rows<A>(*basis, b, p0, n, idx.data(), 0, ebuf);
+        if (probs) store_probs<A>(S, off, n, idx.data(), 0, tile);
         continue;
       }
-      at::Tensor z = chunk_logits<T>(a, c, idx.data(), tile, buf, pt).second;
+      // all pixels kept: the logits go straight into S's rows and become the softmax there
+      at::Tensor dst = probs && nv == n ? S.narrow(0, off, n) : tile;
+      at::Tensor z = chunk_logits<T>(a, c, idx.data(), dst, buf, pt).second;
       const A* zp = z.const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) {
         const int64_t p = idx[i];
@@ -113,25 +135,35 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
           store_rows<A>(*basis, b, p0, n, idx.data(), nv, e.mul_(r));
         }
       }
+      if (probs) {
+        z.div_(s);
+        if (nv < n) store_probs<A>(S, off, n, idx.data(), nv, z);
+      }
       const A* lp = s.log_().add_(m).const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) lse_p[off + idx[i]] = lp[i];
     }
   });
 }
 
+enum class Saved { kNone, kBasis, kProbs };
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_impl(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
     const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau,
-    bool with_basis) {
+    Saved saved) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
   const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
   const auto opts = feats.options().dtype(acc_scalar_type(feats.scalar_type()));
   auto lse = at::zeros({a.B, a.P}, opts), za = at::zeros({a.B, a.P}, opts),
        zb = at::zeros({a.B, a.P}, opts);
-  at::Tensor e;  // laid out like feats, so the backward pass streams both alike
-  if (with_basis) e = at::empty_like(feats, opts, at::MemoryFormat::Preserve);
+  at::Tensor e;
+  if (saved == Saved::kBasis)  // laid out like feats, so the backward streams both alike
+    e = at::empty_like(feats, opts, at::MemoryFormat::Preserve);
+  else if (saved == Saved::kProbs)
+    e = at::empty({a.B, a.P, a.C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd", [&] {
-    ce_fwd_kernel<scalar_t>(a, lse, za, zb, with_basis ? &e : nullptr);
+    ce_fwd_kernel<scalar_t>(a, lse, za, zb, saved == Saved::kBasis ? &e : nullptr,
+                            saved == Saved::kProbs ? &e : nullptr);
   });
   return {lse, za, zb, e};
 }
@@ -139,28 +171,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_impl(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
     const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
-  auto [lse, za, zb, e] = ce_fwd_impl(feats, protos, ta, tb, bias, tau, false);
+  auto [lse, za, zb, e] = ce_fwd_impl(feats, protos, ta, tb, bias, tau, Saved::kNone);
   return {lse, za, zb};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_basis(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
     const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
-  return ce_fwd_impl(feats, protos, ta, tb, bias, tau, true);
+  return ce_fwd_impl(feats, protos, ta, tb, bias, tau, Saved::kBasis);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_probs(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
+  return ce_fwd_impl(feats, protos, ta, tb, bias, tau, Saved::kProbs);
+}
+
+// dZ per chunk from the recomputed logits and lse, or (probs given) from the saved softmax.
 template <typename T>
 void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g_za,
                    const c10::optional<at::Tensor>& g_zb, const at::Tensor& lse,
-                   at::Tensor* dfeats, at::Tensor* dprotos) {
+                   const at::Tensor* probs, at::Tensor* dfeats, at::Tensor* dprotos) {
   using A = acc_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
-  const auto opts = lse.options();
+  const auto opts = g_lse.options();
   const at::Tensor pt = a.ps.t();
   const A* gl = g_lse.const_data_ptr<A>();
   const A* ga = g_za.const_data_ptr<A>();
   const A* gb = g_zb.has_value() ? g_zb->const_data_ptr<A>() : nullptr;
-  const A* lp = lse.const_data_ptr<A>();
+  const A* lp = probs ? nullptr : lse.const_data_ptr<A>();
+  const at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
   const bool direct = dfeats && std::is_same<T, A>::value;  // dF straight into the output
   const int64_t parts = num_parts(ch.count);
   std::vector<at::Tensor> dps(dprotos ? parts : 0);
@@ -170,20 +210,32 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
          gcol = at::empty({ch.rows}, opts);
     at::Tensor dp;
     if (dprotos) dp = dps[part] = at::zeros({a.C, a.D}, opts);
-    std::vector<int64_t> idx(ch.rows);
+    auto idx_t = at::empty({ch.rows}, opts.dtype(at::kLong));
+    int64_t* idx = idx_t.mutable_data_ptr<int64_t>();
     for (int64_t g = g0; g < g1; ++g) {
-      const CeChunk c(a, ch, g, idx.data());
+      const CeChunk c(a, ch, g, idx);
       const int64_t b = c.b, p0 = c.p0, n = c.n, off = c.off, nv = c.nv;
       const int64_t *ta = c.ta, *tb = c.tb;
       if (nv == 0) {
-        if (dfeats) store_rows<T>(*dfeats, b, p0, n, idx.data(), 0, dbuf);
+        if (dfeats) store_rows<T>(*dfeats, b, p0, n, idx, 0, dbuf);
         continue;
       }
-      at::Tensor f, z;
-      std::tie(f, z) = chunk_logits<T>(a, c, idx.data(), tile, buf, pt);
       // dz = g_lse * softmax(z) + g_za [k = ta] + g_zb [k = tb]
-      z.sub_(gather_col(lp + off, idx.data(), nv, col)).exp_();
-      z.mul_(gather_col(gl + off, idx.data(), nv, gcol));
+      at::Tensor f, z;
+      const at::Tensor gz = gather_col(gl + off, idx, nv, gcol);
+      if (probs) {
+        z = tile.narrow(0, 0, nv);
+        if (nv == n) {
+          at::mul_out(z, S.narrow(0, off, n), gz);
+        } else {
+          at::index_select_out(z, S.narrow(0, off, n), 0, idx_t.narrow(0, 0, nv));
+          z.mul_(gz);
+        }
+        if (dprotos) f = load_rows<T>(a.feats, b, p0, n, idx, nv, buf);
+      } else {
+        std::tie(f, z) = chunk_logits<T>(a, c, idx, tile, buf, pt);
+        z.sub_(gather_col(lp + off, idx, nv, col)).exp_().mul_(gz);
+      }
       A* zp = z.mutable_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) {
         const int64_t p = idx[i];
@@ -197,7 +249,7 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
         } else {
           auto d = dbuf.narrow(0, 0, nv);
           at::mm_out(d, z, a.ps);
-          store_rows<T>(*dfeats, b, p0, n, idx.data(), nv, d);
+          store_rows<T>(*dfeats, b, p0, n, idx, nv, d);
         }
       }
       if (dprotos) dp.addmm_(z.t(), f);
@@ -206,15 +258,25 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
   if (dprotos) *dprotos = reduce_parts(dps);
 }
 
-std::tuple<at::Tensor, at::Tensor> ce_bwd(
+// ce_bwd (lse given: the logits are recomputed) and ce_bwd_probs (the saved softmax S).
+std::tuple<at::Tensor, at::Tensor> ce_bwd_impl(
     const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
     const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& lse, double tau, bool need_feats, bool need_protos) {
+    const at::Tensor& lse, const at::Tensor* probs, double tau, bool need_feats,
+    bool need_protos) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
   const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
   const auto acc = acc_scalar_type(feats.scalar_type());
-  check_bp(lse, a.B, a.P, acc, "lse");
+  if (probs) {
+    TORCH_CHECK(probs->dim() == 3 && probs->size(0) == a.B && probs->size(1) == a.P &&
+                    probs->size(2) == a.C && probs->scalar_type() == acc &&
+                    probs->is_contiguous(),
+                "S must be a contiguous (B, P, C) tensor of the accumulation dtype, got ",
+                probs->sizes(), " ", probs->scalar_type());
+  } else {
+    check_bp(lse, a.B, a.P, acc, "lse");
+  }
   const auto gl = g_lse.contiguous(), ga = g_za.contiguous();
   check_bp(gl, a.B, a.P, acc, "g_lse");
   check_bp(ga, a.B, a.P, acc, "g_za");
@@ -227,11 +289,29 @@ std::tuple<at::Tensor, at::Tensor> ce_bwd(
   at::Tensor df, dp;
   if (need_feats) df = empty_like_bdp(feats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_bwd", [&] {
-    ce_bwd_kernel<scalar_t>(a, gl, ga, gb, lse.contiguous(), need_feats ? &df : nullptr,
-                            need_protos ? &dp : nullptr);
+    ce_bwd_kernel<scalar_t>(a, gl, ga, gb, probs ? lse : lse.contiguous(), probs,
+                            need_feats ? &df : nullptr, need_protos ? &dp : nullptr);
   });
   if (need_protos) dp = dp.mul_(1.0 / tau).to(protos.scalar_type());
   return {df, dp};  // undefined (None) when not needed
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_bwd(
+    const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lse, double tau, bool need_feats, bool need_protos) {
+  return ce_bwd_impl(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, nullptr, tau,
+                     need_feats, need_protos);
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_bwd_probs(
+    const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
+    const at::Tensor& S, const at::Tensor& feats, const at::Tensor& protos,
+    const at::Tensor& ta, const c10::optional<at::Tensor>& tb, double tau, bool need_feats,
+    bool need_protos) {
+  return ce_bwd_impl(g_lse, g_za, g_zb, feats, protos, ta, tb, c10::nullopt, at::Tensor(), &S,
+                     tau, need_feats, need_protos);
 }
 
 
@@ -334,6 +414,11 @@ TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
         "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ce_bwd_basis(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor E, Tensor feats, "
         "Tensor protos, Tensor ta, Tensor? tb, float tau) -> Tensor");
+  m.def("ce_fwd_probs(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
+        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_bwd_probs(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor S, Tensor feats, "
+        "Tensor protos, Tensor ta, Tensor? tb, float tau, bool need_feats, bool need_protos)"
+        " -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
@@ -341,6 +426,8 @@ TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
   m.impl("ce_bwd", &ce_bwd);
   m.impl("ce_fwd_basis", &ce_fwd_basis);
   m.impl("ce_bwd_basis", &ce_bwd_basis);
+  m.impl("ce_fwd_probs", &ce_fwd_probs);
+  m.impl("ce_bwd_probs", &ce_bwd_probs);
 }
 
 }  // namespace mdp
