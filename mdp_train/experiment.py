@@ -40,8 +40,9 @@ ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
     "mdp_semi": ("MDP semi-supervised, A+B+U", [], "ABU"),
 }
 
-# Model and step budgets. "full" is sized for about two hours on a quiet 2-core CPU
-# (measured: 3.2 CPU-s per pretraining step, 0.68 per fine-tuning step, 8.8 per evaluation).
+# Model and step budgets. "full" takes about 40 min on a quiet 2-core CPU (measured wall
+# time: 0.6 s per pretraining step, 0.1 s per fine-tuning step, 2 s per evaluation);
+# --pretrain-steps 600 (about 2 h) is where MDP starts to pay off (benchmarks/results).
 # Fine-tuning seed k starts from pretraining seed k % pretrain_seeds (--pretrain-seeds 1
 # shares one pretraining per arm: about half the time, std over fine-tuning seeds only).
 BUDGETS = {
