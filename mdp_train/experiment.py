@@ -42,7 +42,8 @@ ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
 
 # Model and step budgets. "full" takes about 40 min on a quiet 2-core CPU (measured wall
 # time: 0.6 s per pretraining step, 0.1 s per fine-tuning step, 2 s per evaluation);
-# --pretrain-steps 600 (about 2 h) is where MDP starts to pay off (benchmarks/results).
+# with --pretrain-steps 600 (about 2 h for the table) every pretrained arm measured beats
+# scratch; at 150 only CE and MDP semi-supervised do, within noise (benchmarks/results).
 # Fine-tuning seed k starts from pretraining seed k % pretrain_seeds (--pretrain-seeds 1
 # shares one pretraining per arm: about half the time, std over fine-tuning seeds only).
 BUDGETS = {
