@@ -105,9 +105,10 @@ def ce_fwd(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
 def _(feats, protos, ta, tb, bias, tau, backend, check_finite, save="none"):
     b, _, p = feats.shape
     acc = acc_dtype(feats.dtype)
-    x = {"basis": lambda: torch.empty_like(feats, dtype=acc),
-         "probs": lambda: feats.new_empty((b, p, protos.shape[0]), dtype=acc),
-         "none": lambda: feats.new_empty((0,), dtype=acc)}[save]()
+    if save == "basis":
+        x = torch.empty_like(feats, dtype=acc)
+    else:
+        x = feats.new_empty((b, p, protos.shape[0]) if save == "probs" else (0,), dtype=acc)
     return tuple(feats.new_empty((b, p), dtype=acc) for _ in range(3)) + (x,)
 
 

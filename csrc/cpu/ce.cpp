@@ -123,18 +123,8 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
       }
       auto m = at::amax(z, {1}, true);
       auto s = z.sub_(m).exp_().sum({1}, true);
-      if (basis) {  // E = (exp(z - m) @ P / tau) / s: the 1/s goes on the D-wide product
-        const auto r = s.reciprocal();
-        if (nv == n) {
-          auto o = out_rows(*basis, b, p0, n);
-          at::mm_out(o, z, a.ps);
-          o.mul_(r);
-        } else {
-          auto e = ebuf.narrow(0, 0, nv);
-          at::mm_out(e, z, a.ps);
-          store_rows<A>(*basis, b, p0, n, idx.data(), nv, e.mul_(r));
-        }
-      }
+      if (basis)  // E = (exp(z - m) @ P / tau) / s: the 1/s goes on the D-wide product
+        store_product<A>(*basis, b, p0, n, idx.data(), nv, z, a.ps, ebuf, s.reciprocal());
       if (probs) {
         z.div_(s);
         if (nv < n) store_probs<A>(S, off, n, idx.data(), nv, z);
@@ -201,7 +191,6 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
   const A* gb = g_zb.has_value() ? g_zb->const_data_ptr<A>() : nullptr;
   const A* lp = probs ? nullptr : lse.const_data_ptr<A>();
   const at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
-  const bool direct = dfeats && std::is_same<T, A>::value;  // dF straight into the output
   const int64_t parts = num_parts(ch.count);
   std::vector<at::Tensor> dps(dprotos ? parts : 0);
   for_parts(ch.count, parts, [&](int64_t part, int64_t g0, int64_t g1) {
@@ -242,16 +231,7 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
         if (ta[p] >= 0) zp[i * a.C + ta[p]] += ga[off + p];
         if (tb && tb[p] >= 0) zp[i * a.C + tb[p]] += gb[off + p];
       }
-      if (dfeats) {
-        if (direct && nv == n) {
-          auto o = out_rows(*dfeats, b, p0, n);
-          at::mm_out(o, z, a.ps);
-        } else {
-          auto d = dbuf.narrow(0, 0, nv);
-          at::mm_out(d, z, a.ps);
-          store_rows<T>(*dfeats, b, p0, n, idx, nv, d);
-        }
-      }
+      if (dfeats) store_product<T>(*dfeats, b, p0, n, idx, nv, z, a.ps, dbuf);
       if (dprotos) dp.addmm_(z.t(), f);
     }
   });

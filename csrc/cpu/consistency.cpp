@@ -109,14 +109,7 @@ void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tenso
       }
       if (basis) {  // G = (s - t) @ P / tau_s, with zs turned into s - t in place
         zs.exp_().sub_(t);
-        if (nv == n) {
-          auto o = out_rows(*basis, b, p0, n);
-          at::mm_out(o, zs, a.ps);
-        } else {
-          auto d = gbuf.narrow(0, 0, nv);
-          at::mm_out(d, zs, a.ps);
-          store_rows<A>(*basis, b, p0, n, w.idx.data(), nv, d);
-        }
+        store_product<A>(*basis, b, p0, n, w.idx.data(), nv, zs, a.ps, gbuf);
       }
     }
   });
@@ -169,7 +162,6 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
   const A* gp = g_ce.const_data_ptr<A>();
   const A* lsp = lse_s.const_data_ptr<A>();
   const A* ltp = lse_t.const_data_ptr<A>();
-  const bool direct = dstudent && std::is_same<T, A>::value;
   const int64_t parts = num_parts(ch.count);
   std::vector<at::Tensor> dps(dprotos ? parts : 0);
   for_parts(ch.count, parts, [&](int64_t part, int64_t g0, int64_t g1) {
@@ -197,16 +189,7 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
       zs.sub_(gather_col(lsp + off, idx, nv, w.col)).exp_();
       zt.sub_(gather_col(ltp + off, idx, nv, w.col)).exp_();
       zs.sub_(zt).mul_(gather_col(gp + off, idx, nv, w.col));
-      if (dstudent) {
-        if (direct && nv == n) {
-          auto o = out_rows(*dstudent, b, p0, n);
-          at::mm_out(o, zs, a.ps);
-        } else {
-          auto d = dbuf.narrow(0, 0, nv);
-          at::mm_out(d, zs, a.ps);
-          store_rows<T>(*dstudent, b, p0, n, idx, nv, d);
-        }
-      }
+      if (dstudent) store_product<T>(*dstudent, b, p0, n, idx, nv, zs, a.ps, dbuf);
       if (dprotos) dp.addmm_(zs.t(), f);
     }
   });

@@ -99,6 +99,20 @@ void store_rows(at::Tensor& out, int64_t b, int64_t p0, int64_t n, const int64_t
   }
 }
 
+// out[b, :, p0 + idx[i]] = (z @ ps)_i * row_scale_i for i < nv (row_scale (nv, 1) or
+// undefined), 0 on the chunk's other pixels: the product goes straight into out when every
+// pixel is kept and out has the accumulation dtype, else through buf (rows x D).
+template <typename T>
+void store_product(at::Tensor& out, int64_t b, int64_t p0, int64_t n, const int64_t* idx,
+                   int64_t nv, const at::Tensor& z, const at::Tensor& ps, at::Tensor& buf,
+                   const at::Tensor& row_scale = at::Tensor()) {
+  const bool direct = nv == n && std::is_same<T, acc_t<T>>::value;
+  auto d = direct ? out_rows(out, b, p0, n) : buf.narrow(0, 0, nv);
+  at::mm_out(d, z, ps);
+  if (row_scale.defined()) d.mul_(row_scale);
+  if (!direct) store_rows<T>(out, b, p0, n, idx, nv, d);
+}
+
 // A (B, D, P)-shaped output laid out like x (so a strided input gets a gradient of the
 // same layout and writing it chunk-wise is cache friendly).
 inline at::Tensor empty_like_bdp(const at::Tensor& x) {
