@@ -52,16 +52,19 @@ def reduce(per_pixel: Tensor, count: Tensor, reduction: str, shape) -> Tensor:
     return total if reduction == "sum" else total / count.clamp(min=1)
 
 
-def class_embedding_sums(feats, labels, num_classes, ignore_index=255):
+def class_embedding_sums(feats, labels, num_classes, ignore_index=-100):
+    # Ignored pixels go to an extra class that is dropped: no data-dependent shapes, so the
+    # reference also runs on meta and fake tensors.
     f = _pixels(feats).to(acc_dtype(feats.dtype))
     y = as_bp(labels)
     b, p, d = f.shape
-    valid = y != ignore_index
-    index = (torch.arange(b, device=y.device)[:, None] * num_classes + y.clamp(min=0))[valid]
-    sums = f.new_zeros(b * num_classes, d).index_add(0, index, f[valid])
-    counts = torch.zeros(b * num_classes, dtype=torch.int64, device=y.device).index_add(
+    c1 = num_classes + 1
+    cls = torch.where(y == ignore_index, num_classes, y.clamp(0, num_classes - 1)).long()
+    index = (torch.arange(b, device=y.device)[:, None] * c1 + cls).flatten()
+    sums = f.new_zeros(b * c1, d).index_add(0, index, f.reshape(b * p, d))
+    counts = torch.zeros(b * c1, dtype=torch.int64, device=y.device).index_add(
         0, index, torch.ones_like(index))
-    return sums.view(b, num_classes, d), counts.view(b, num_classes)
+    return sums.view(b, c1, d)[:, :num_classes], counts.view(b, c1)[:, :num_classes]
 
 
 def masked_average_pool(feats, labels, num_classes, ignore_index=255):

@@ -4,7 +4,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import make_case, rel_err, unit
+from helpers import IGNORE, make_case, rel_err, unit
 
 ALL_OPS = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "pseudo_label",
            "bank_slot", "bank_prototypes", "ce_fwd_basis", "ce_bwd_basis", "con_fwd_basis",
@@ -77,7 +77,7 @@ def test_skipped_pixels_are_exactly_zero():
     ops = torch.ops.mdp_cpu
     f, p, y = make_case(2, 16, 9, (6, 7))
     f3 = f.flatten(2)
-    ta = torch.where(y == 255, -1, y).flatten(1).contiguous()
+    ta = torch.where(y == IGNORE, -1, y).flatten(1).contiguous()
     skip = ta < 0
     assert skip.any() and not skip.all()
     lse, za, zb = ops.ce_fwd(f3, p, ta, None, None, 0.1)
