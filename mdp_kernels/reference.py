@@ -67,13 +67,13 @@ def class_embedding_sums(feats, labels, num_classes, ignore_index=-100):
     return sums.view(b, c1, d)[:, :num_classes], counts.view(b, c1)[:, :num_classes]
 
 
-def masked_average_pool(feats, labels, num_classes, ignore_index=255):
+def masked_average_pool(feats, labels, num_classes, ignore_index=-100):
     sums, counts = class_embedding_sums(feats, labels, num_classes, ignore_index)
     present = counts > 0
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), present
 
 
-def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=255,
+def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=-100,
                             class_mask=None, labels_b=None, lam=None, reduction="mean"):
     f = _pixels(feats)
     c = prototypes.shape[0]
@@ -124,7 +124,7 @@ def prototype_consistency_loss(student, teacher, prototypes, tau_student=0.07,
     return reduce(loss, keep.sum(), reduction, student.shape[:1] + student.shape[2:])
 
 
-def pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau=0.07, ignore_index=255,
+def pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau=0.07, ignore_index=-100,
                         reduction="mean"):
     """Eq. 1 written out: the positive term averages q_i . k_j / tau over matching keys."""
     q, k = _pixels(feats_q), _pixels(feats_k)
@@ -142,7 +142,7 @@ def pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau=0.07, ignore_i
 
 
 @torch.no_grad()
-def pseudo_label(feats, prototypes, threshold=0.8, class_mask=None, ignore_index=255):
+def pseudo_label(feats, prototypes, threshold=0.8, class_mask=None, ignore_index=-100):
     s = _logits(_pixels(feats), prototypes, 1.0, class_mask)
     scores, labels = s.max(-1)
     labels = torch.where(scores >= threshold, labels, ignore_index)
