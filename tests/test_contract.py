@@ -1,6 +1,8 @@
 """The library's contract: no silent wrong result on any path (eager, compiled, exported,
 every backend, autograd transforms, meta tensors, autocast), and a failed call changes no
 state. One section per defect that once broke it."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -482,3 +484,19 @@ def test_expected_backends_are_complete():
         missing = [op for op in LOSS_OPS if not dispatch.has_kernel(op, name)]
         assert not missing, f"{name} lacks {missing}"
     assert listed[0] == "reference"
+
+
+def test_broken_build_fails_instead_of_skipping(tmp_path):
+    """With the C++ extension unimportable, the kernel tests fail (they used to skip)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['mdp_kernels._C'] = None; import pytest; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+            "'test_contract.py::test_expected_backends_are_complete', "
+            "'test_prototype_contrast.py::test_matches_reference']))")
+    env = dict(os.environ, MDP_EXPECT_BACKENDS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert "expected backend 'cpu' cannot run" in out.stdout
+    assert "failed" in out.stdout.splitlines()[-1]
