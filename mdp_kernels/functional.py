@@ -510,7 +510,7 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
 
         >>> f = F.normalize(torch.randn(2, 16, 8, 8), dim=1)
         >>> labels, scores = pseudo_label(f, F.normalize(torch.randn(5, 16), dim=1),
-        ...                               threshold=0.0)
+        ...                               threshold=-1.0)  # a cosine is >= -1: all kept
         >>> labels.shape, bool((labels >= 0).all())
         (torch.Size([2, 8, 8]), True)
     """
