@@ -1,7 +1,7 @@
 """Public functional API. Each function validates its inputs, resolves the backend, and runs
 either the plain-PyTorch reference or the ``mdp::`` custom ops (fused kernels).
 
-Conventions (see DESIGN.md section 2): features are ``(B, D, *spatial)`` with labels
+Conventions: features are ``(B, D, *spatial)`` with labels
 ``(B, *spatial)``, or ``(N, D)`` with labels ``(N,)`` (one image). Prototypes are ``(C, D)``
 of the features' dtype. Inputs may be float32, bfloat16, float16 or float64; accumulation is
 float32 or better and losses come back as float32 (float64 for float64 inputs).
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, ops, reference, validation as V
-from .reference import as_bdp, as_bp
+from .layout import as_bdp, as_bp, mix_reduce, reduce, spatial
 
 # What every docstring says once (formatted in below).
 _COMMON = r"""ignore_index: the label of pixels that have no target (default -100, as
@@ -50,10 +50,6 @@ def _bias(class_mask: Tensor | None) -> Tensor | None:
 def _check_num_classes(num_classes) -> None:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-
-
-def _spatial(x: Tensor) -> torch.Size:
-    return x.shape[:1] + x.shape[2:]
 
 
 def _shared_doc(fn):
@@ -297,10 +293,10 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     va = ta >= 0
     la = torch.where(va, lse - za, 0.0)
     if tb is None:
-        return _plus(reference.reduce(la, va.sum(), reduction, labels.shape), tokens)
+        return _plus(reduce(la, va.sum(), reduction, labels.shape), tokens)
     vb = tb >= 0
     lb = torch.where(vb, lse - zb, 0.0)
-    return _plus(reference.mix_reduce(la, va, lb, vb, lam, reduction, labels.shape), tokens)
+    return _plus(mix_reduce(la, va, lb, vb, lam, reduction, labels.shape), tokens)
 
 
 @_shared_doc
@@ -365,8 +361,8 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor of the spatial shape")
-        if mask.shape != _spatial(student):
-            raise ValueError(f"mask must have shape {tuple(_spatial(student))}, got "
+        if mask.shape != spatial(student):
+            raise ValueError(f"mask must have shape {tuple(spatial(student))}, got "
                              f"{tuple(mask.shape)}")
         V.check_same_device("mask", mask, "student", student)
     name = dispatch.resolve(("con_fwd", "con_bwd"), backend, student.device)
@@ -393,7 +389,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                                    _save_basis(name, student, protos.shape[0], "con"))
     loss = ce if kind == "ce" else ce - ent
     count = loss.new_tensor(loss.numel()) if keep is None else keep.sum()
-    return _plus(reference.reduce(loss, count, reduction, _spatial(student)), tokens)
+    return _plus(reduce(loss, count, reduction, spatial(student)), tokens)
 
 
 @_shared_doc
@@ -480,7 +476,7 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
     pos_mean = means.gather(1, tq.clamp(min=0).unsqueeze(-1).expand(-1, -1, means.shape[-1]))
     pos = torch.einsum("bdp,bpd->bp", as_bdp(feats_q).to(means.dtype), pos_mean) / tau
     loss = torch.where(qvalid, lse - pos, 0.0)
-    return _plus(reference.reduce(loss, qvalid.sum(), reduction, labels_q.shape), tokens)
+    return _plus(reduce(loss, qvalid.sum(), reduction, labels_q.shape), tokens)
 
 
 @_shared_doc
@@ -529,4 +525,4 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
                                       class_mask, ignore_index)
     labels, scores = ops.pseudo_label(as_bdp(feats.detach()), prototypes.detach().contiguous(),
                                       _bias(class_mask), float(threshold), ignore_index, name)
-    return labels.reshape(_spatial(feats)), scores.reshape(_spatial(feats))
+    return labels.reshape(spatial(feats)), scores.reshape(spatial(feats))

@@ -1,4 +1,4 @@
-"""``PrototypeContrastLoss``: the drop-in MDP loss module (DESIGN.md section 3.7)."""
+"""``PrototypeContrastLoss``: the drop-in MDP loss module (bank + class loss + consistency)."""
 from __future__ import annotations
 
 import math

@@ -18,10 +18,7 @@ from torch import Tensor
 
 from . import dispatch
 from .checks import finite_or_raise
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .layout import acc_dtype
 
 
 def _empty_grad(like: Tensor, needed: bool) -> Tensor:

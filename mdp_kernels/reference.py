@@ -1,8 +1,9 @@
 """The ``reference`` backend: the math of every op in plain PyTorch.
 
 It materialises the full logit matrices, works in float64, and differentiates by autograd.
-It is the ground truth the fused backends are tested against, not a fast path. Inputs are
-assumed validated by ``mdp_kernels.functional``. Low-precision inputs do their products in
+It is the ground truth the fused backends are tested against, not a fast path, and imports
+nothing of ours: its layouts and reductions are written here, independently of the fused
+path's (``layout.py``). Inputs are assumed validated by ``mdp_kernels.functional``. Low-precision inputs do their products in
 their own dtype and everything after in float32, as an eager low-precision user would.
 """
 from __future__ import annotations
@@ -11,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import acc_dtype
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_bdp(x: Tensor) -> Tensor:
