@@ -78,6 +78,8 @@ from typing import Callable
 
 import torch
 
+from .config import config
+
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The phases every loss needs: a backend that has them all runs every public op.
 LOSS_OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
@@ -91,6 +93,9 @@ OPTIONAL_OPS = ("ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs",
 OPS = LOSS_OPS + BANK_OPS + OPTIONAL_OPS
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
+# backend -> policy(op, num_classes, dim) -> "basis" | "probs" | "none": what the forward of
+# loss ``op`` ("ce" or "con") keeps for its backward, tuned per backend.
+_save_policies: dict[str, Callable[[str, int, int], str]] = {}
 # Why a backend cannot run here, filled in by the module that tried to load it.
 _unavailable: dict[str, str] = {}
 
@@ -102,6 +107,27 @@ def register(backend: str, op: str, fn: Callable) -> None:
     if op not in OPS:
         raise ValueError(f"unknown kernel op {op!r}")
     _kernels[backend][op] = fn
+
+
+def register_save_policy(backend: str, policy: Callable[[str, int, int], str]) -> None:
+    """Register ``backend``'s choice of what a forward keeps for its backward."""
+    _save_policies[backend] = policy
+
+
+def saved_for_backward(op: str, backend: str, num_classes: int, dim: int, *,
+                       feats_grad: bool, protos_grad: bool) -> str:
+    """What the ``op`` ("ce" or "con") forward on ``backend`` keeps for its backward:
+    ``config.save``, or the backend's policy when it is "auto"; "none" when the backend
+    lacks that pair of kernels or no gradient would use it ("basis" serves the feature
+    gradient only)."""
+    choice = config.save
+    if choice == "auto":
+        choice = _save_policies.get(backend, lambda *_: "none")(op, num_classes, dim)
+    useful = feats_grad if choice == "basis" else (feats_grad or protos_grad)
+    if choice == "none" or not useful or not (has_kernel(f"{op}_fwd_{choice}", backend)
+                                              and has_kernel(f"{op}_bwd_{choice}", backend)):
+        return "none"
+    return choice
 
 
 def mark_unavailable(backend: str, reason: str) -> None:

@@ -167,36 +167,12 @@ def masked_average_pool(feats: Tensor, labels: Tensor, num_classes: int, *,
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts > 0
 
 
-# Below this many classes the logit recompute costs less than writing and reading the
-# feature-sized basis (measured on the 2-core CPU: C = 64 recompute 72 ms vs basis 79 ms,
-# C = 128 basis 106 ms vs recompute 118 ms, N = 65,536, D = 256).
-BASIS_MIN_CLASSES = 96
-
-
-def _save_basis(name: str, feats: Tensor, num_classes: int, op: str = "ce") -> bool:
-    """Store the gradient basis in the ``op`` ("ce" or "con") forward (``{op}_fwd_basis``)
-    so the feature gradient needs no logit recompute: only when that gradient will be
-    taken and C is large enough for the saved GEMM to pay for the extra feature-sized pass."""
-    return (feats.requires_grad and torch.is_grad_enabled()
-            and num_classes >= BASIS_MIN_CLASSES
-            and dispatch.has_kernel(f"{op}_fwd_basis", name)
-            and dispatch.has_kernel(f"{op}_bwd_basis", name))
-
-
-def _ce_saved(name: str, feats: Tensor, prototypes: Tensor) -> str:
-    """What the CE forward keeps for its backward (``ops.ce_fwd``'s ``save``): the basis E
-    for many classes; for fewer classes than ``BASIS_MIN_CLASSES`` and at most D / 2 (the
-    softmax is then at most half the features' size, so memory stays O(N D)) the softmax
-    S itself, so the backward needs no logit recompute for dF nor dP; else nothing."""
-    c, d = prototypes.shape
-    if not torch.is_grad_enabled() or not (feats.requires_grad or prototypes.requires_grad):
-        return "none"
-    if _save_basis(name, feats, c):
-        return "basis"
-    if (c < BASIS_MIN_CLASSES and 2 * c <= d and dispatch.has_kernel("ce_fwd_probs", name)
-            and dispatch.has_kernel("ce_bwd_probs", name)):
-        return "probs"
-    return "none"
+def _saved(op: str, name: str, feats: Tensor, protos: Tensor) -> str:
+    """What the ``op`` forward keeps for its backward (``dispatch.saved_for_backward``)."""
+    grad = torch.is_grad_enabled()
+    return dispatch.saved_for_backward(op, name, protos.shape[0], protos.shape[1],
+                                       feats_grad=grad and feats.requires_grad,
+                                       protos_grad=grad and protos.requires_grad)
 
 
 @_shared_doc
@@ -235,13 +211,15 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
 
     @AUTOCAST
 
-    cpu backend, when a gradient will be taken (2 matrix products per forward + feature
-    backward instead of 3): with C >= 96 and ``feats`` requiring grad, the forward keeps
-    the softmax expectation ``E_i = sum_k softmax(z_i)_k P_k / tau``, one feature-sized
-    float32 (float64) buffer alive until the backward, so the feature gradient is an
-    O(N D) pass (prototype gradients still recompute the logit tiles). With C < 96 and
-    ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most half the features' size,
-    what eager autograd keeps too), and neither gradient recomputes logits.
+    What the forward keeps for the backward is the backend's policy, or
+    ``mdp_kernels.config.save``. The cpu backend, when a gradient will be taken (2 matrix
+    products per forward + feature backward instead of 3): with C >= 96 and ``feats``
+    requiring grad, the forward keeps the softmax expectation ``E_i = sum_k softmax(z_i)_k
+    P_k / tau``, one feature-sized float32 (float64) buffer alive until the backward, so the
+    feature gradient is an O(N D) pass (prototype gradients still recompute the logit
+    tiles). With C < 96 and ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most
+    half the features' size, what eager autograd keeps too), and neither gradient
+    recomputes logits.
 
     Shape:
         A 0-d float32 loss (float64 for float64 inputs); ``reduction="none"``: the shape of
@@ -289,7 +267,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
           else checks.targets(as_bp(labels_b), class_mask, c, ignore_index))
     lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask),
                                 _tau_arg(tau), name, check_finite,
-                                _ce_saved(name, feats, protos))
+                                _saved("ce", name, feats, protos))
     va = ta >= 0
     la = torch.where(va, lse - za, 0.0)
     if tb is None:
@@ -386,7 +364,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                                    protos.contiguous(), _bias(class_mask), keep,
                                    _tau_arg(tau_student), _tau_arg(tau_teacher), name,
                                    check_finite,
-                                   _save_basis(name, student, protos.shape[0], "con"))
+                                   _saved("con", name, student, protos) == "basis")
     loss = ce if kind == "ce" else ce - ent
     count = loss.new_tensor(loss.numel()) if keep is None else keep.sum()
     return _plus(reduce(loss, count, reduction, spatial(student)), tokens)
