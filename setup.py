@@ -1,16 +1,32 @@
 """Builds mdp_kernels._C: csrc/cpu (C++17/OpenMP) always, csrc/cuda when PyTorch has CUDA and
-nvcc is found. Install against the torch already present:
-    pip install --no-build-isolation -e ".[dev]"
+nvcc is found. The package metadata is in pyproject.toml. Install against the torch already
+present:
+    pip install --no-build-isolation -e ".[dev]"     # or: pip wheel --no-build-isolation .
 """
 import glob
 import os
 import shutil
+import sys
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+
+
+def openmp_flags() -> tuple[list[str], list[str]]:
+    """(compile, link) flags for OpenMP with the compilers PyTorch supports: MSVC, Apple
+    clang (libomp, from Homebrew or conda) and GCC / LLVM clang."""
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+omp_compile, omp_link = openmp_flags()
+std = "/std:c++17" if sys.platform == "win32" else "-std=c++17"
+cxx_flags = ["/O2" if sys.platform == "win32" else "-O3", std] + omp_compile
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
 
@@ -39,23 +55,10 @@ if skip is None:
         "mdp_kernels._C", sources + cuda_sources,
         define_macros=[("MDP_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=omp_link)
 else:
     print(f"mdp-kernels: building the CPU kernels only, not the CUDA kernels: {skip}")
     ext = CppExtension("mdp_kernels._C", sources, extra_compile_args=cxx_flags,
-                       extra_link_args=["-fopenmp"])
+                       extra_link_args=omp_link)
 
-setup(
-    name="mdp-kernels",
-    version="0.1.0",
-    description="Fused pixel-to-prototype contrastive losses for multi-dataset "
-                "segmentation pretraining (MDP)",
-    packages=find_packages(include=["mdp_kernels", "mdp_kernels.*", "mdp_train", "mdp_train.*"]),
-    python_requires=">=3.10",
-    # torch is deliberately not a requirement: build and run against the installed one.
-    install_requires=["numpy", "tqdm", "pyyaml", "pillow"],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ninja"]},
-    entry_points={"console_scripts": ["mdp-train=mdp_train.cli:main"]},
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
-)
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

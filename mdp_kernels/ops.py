@@ -30,6 +30,12 @@ def _grad(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def _input_grads(op, **grads: Tensor | None) -> tuple:
+    """What ``op``'s backward returns: the given gradients by input name, None for the
+    other inputs, in the order of the op's schema."""
+    return tuple(grads.get(a.name) for a in op._opoverload._schema.arguments)
+
+
 def _once(op: str, backward):
     """``backward`` whose gradients, under ``create_graph=True``, pass through a node that
     raises when differentiated again, with a message naming the op (the backward kernels
@@ -83,7 +89,7 @@ def _class_sums_setup(ctx, inputs, output):
 
 def _class_sums_backward(ctx, grad_sums, grad_counts):
     feats, targets = ctx.saved_tensors
-    return class_sums_bwd(grad_sums, feats, targets, ctx.backend), None, None, None
+    return _input_grads(class_sums, feats=class_sums_bwd(grad_sums, feats, targets, ctx.backend))
 
 
 class_sums.register_autograd(_once("class_sums", _class_sums_backward),
@@ -182,7 +188,7 @@ def _ce_backward(ctx, g_lse, g_za, g_zb, _):
     if ctx.save == "probs":  # no logit recompute at all
         df, dp = ce_bwd_probs(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, tau,
                               need_f, need_p, ctx.backend)
-        return (df if need_f else None, dp if need_p else None) + (None,) * 7
+        return _input_grads(ce_fwd, feats=df if need_f else None, protos=dp if need_p else None)
     basis_f = need_f and ctx.save == "basis"
     df, dp = None, None
     if basis_f:  # no logit recompute for dF; dP (if needed) still recomputes tiles
@@ -192,7 +198,7 @@ def _ce_backward(ctx, g_lse, g_za, g_zb, _):
         df_r, dp = ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau,
                           need_f and not basis_f, need_p, ctx.backend)
         df = df if basis_f else df_r
-    return (df if need_f else None, dp if need_p else None) + (None,) * 7
+    return _input_grads(ce_fwd, feats=df if need_f else None, protos=dp if need_p else None)
 
 
 ce_fwd.register_autograd(_once("ce_fwd", _ce_backward), setup_context=_ce_setup)
@@ -276,7 +282,8 @@ def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t, _):
         ds_r, dp = con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t,
                            tau_s, tau_t, need_s and not basis_s, need_p, ctx.backend)
         ds = ds if basis_s else ds_r
-    return (ds if need_s else None, None, dp if need_p else None) + (None,) * 7
+    return _input_grads(con_fwd, student=ds if need_s else None,
+                        protos=dp if need_p else None)
 
 
 con_fwd.register_autograd(_once("con_fwd", _con_backward), setup_context=_con_setup)
@@ -322,7 +329,7 @@ def _pix_backward(ctx, g_lse):
     need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dq, dk = pix_bwd(_grad(g_lse), q, k, qmask, kmask, lse, tau, need_q, need_k,
                      ctx.backend)
-    return (dq if need_q else None, dk if need_k else None) + (None,) * 5
+    return _input_grads(pix_fwd, q=dq if need_q else None, k=dk if need_k else None)
 
 
 pix_fwd.register_autograd(_once("pix_fwd", _pix_backward), setup_context=_pix_setup)

@@ -3,8 +3,9 @@
 It materialises the full logit matrices, works in float64, and differentiates by autograd.
 It is the ground truth the fused backends are tested against, not a fast path, and imports
 nothing of ours: its layouts and reductions are written here, independently of the fused
-path's (``layout.py``). Inputs are assumed validated by ``mdp_kernels.functional``. Low-precision inputs do their products in
-their own dtype and everything after in float32, as an eager low-precision user would.
+path's (``layout.py``). Inputs are assumed validated by ``mdp_kernels.functional``.
+Low-precision inputs do their products in their own dtype and everything after in float32,
+as an eager low-precision user would.
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ import torch
 # The library's default ignore_index (as F.cross_entropy's): labels of pixels with no target.
 IGNORE = -100
 
+# float32 kernels against the float64 reference: relative error of a loss or a gradient
+# (the sums of the pooling op, no exp/log, are held to the tighter SUM_TOL).
+TOL = 1e-5
+SUM_TOL = 1e-6
+
 # Low-precision results may be this many times worse than the eager low-precision reference
 # (both measured against float64), plus a small absolute floor.
 LOW_PRECISION_FACTOR = 2.0
@@ -38,3 +43,13 @@ def check_low_precision(fused, eager, truth, dtype, what=""):
     e_fused, e_eager = rel_err(fused, truth), rel_err(eager, truth)
     bound = LOW_PRECISION_FACTOR * e_eager + LOW_PRECISION_FLOOR[dtype]
     assert e_fused <= bound, f"{what}: fused error {e_fused:.3g} > {bound:.3g} (eager {e_eager:.3g})"
+
+
+def loss_and_grads(fn, *inputs):
+    """``(loss, *grads)`` of ``fn`` at fresh leaf copies of ``inputs``. An unreduced loss is
+    weighted by ``linspace(0.5, 1.5)`` first, so that no two pixels' gradients coincide."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    loss = fn(*leaves)
+    total = loss if loss.dim() == 0 else (loss.reshape(-1) * torch.linspace(
+        0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)).sum()
+    return (loss.detach(), *torch.autograd.grad(total, leaves))

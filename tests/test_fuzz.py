@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import IGNORE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR
+from helpers import IGNORE, LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR, unit
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LAYOUTS = ("contiguous", "channels_last", "pixels_by_dim", "step_sliced", "expanded")
@@ -68,8 +68,8 @@ def cases(draw, max_c, max_hw, max_d):
 def build(case):
     g = torch.Generator().manual_seed(case["seed"])
     b, d, (h, w), c = case["b"], case["d"], case["hw"], case["c"]
-    f = torch.nn.functional.normalize(torch.randn(b, d, h, w, generator=g, dtype=torch.float64), dim=1)
-    p = torch.nn.functional.normalize(torch.randn(c, d, generator=g, dtype=torch.float64), dim=1)
+    f = unit(torch.randn(b, d, h, w, generator=g, dtype=torch.float64))
+    p = unit(torch.randn(c, d, generator=g, dtype=torch.float64))
     y = labels_for((b, h, w), c, case["ignore"], g, case["how"])
     yb = labels_for((b, h, w), c, case["ignore"], g, case["how"])
     cm = None if case["mask"] is None else torch.rand(c, generator=g) < case["mask"]
@@ -133,7 +133,7 @@ def ce_fn(case):
 
 def con_fn(case):
     f, _, y, _, cm, _ = build(case)
-    teacher = torch.nn.functional.normalize(f + 0.3 * torch.randn_like(f), dim=1)
+    teacher = unit(f + 0.3 * torch.randn_like(f))
     mask = None if case["mix"] is None else torch.rand(y.shape) < 0.6
     kind = "kl" if case["mix"] == "scalar" else "ce"
 
@@ -163,7 +163,8 @@ def pool_fn(case):
 
     def fn(f, p, be):
         sums, counts = mk.class_embedding_sums(f, y, case["c"], backend=be)
-        return (sums * w.view(case["c"], case["d"]).to(sums.dtype)).sum() + counts.sum() + 0.0 * p.sum()
+        weighted = (sums * w.view(case["c"], case["d"]).to(sums.dtype)).sum()
+        return weighted + counts.sum() + 0.0 * p.sum()
     return fn
 
 

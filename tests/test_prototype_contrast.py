@@ -4,27 +4,20 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import IGNORE, check_low_precision, make_case, rel_err
+from helpers import IGNORE, TOL, check_low_precision, loss_and_grads, make_case, rel_err
 
 OPS = ("ce_fwd", "ce_bwd")
-TOL = 1e-5
 
 
-def loss_and_grads(f, p, y, backend, **kw):
-    f = f.detach().clone().requires_grad_()
-    p = p.detach().clone().requires_grad_()
-    loss = mk.prototype_contrast_loss(f, p, y, backend=backend, **kw)
-    out = loss if loss.dim() == 0 else (loss * torch.linspace(0.5, 1.5, loss.numel(),
-                                                              dtype=loss.dtype,
-                                                              device=loss.device).view(loss.shape)).sum()
-    gf, gp = torch.autograd.grad(out, (f, p))
-    return loss.detach(), gf, gp
+def ce(f, p, y, backend, **kw):
+    return loss_and_grads(lambda f, p: mk.prototype_contrast_loss(f, p, y, backend=backend,
+                                                                  **kw), f, p)
 
 
 def compare(f, p, y, backend, device, tol=TOL, **kw):
-    got = loss_and_grads(f.to(device), p.to(device), y.to(device), backend,
+    got = ce(f.to(device), p.to(device), y.to(device), backend,
                          **{k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()})
-    ref = loss_and_grads(f.double(), p.double(), y, "reference",
+    ref = ce(f.double(), p.double(), y, "reference",
                          **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
                             for k, v in kw.items()})
     for name, a, b in zip(("loss", "dfeats", "dprotos"), got, ref):
@@ -73,12 +66,12 @@ def test_all_ignored_is_zero_with_zero_grads(backend):
     device = require(backend, OPS)
     f, p, y = make_case(2, 8, 5, (3, 3))
     y[:] = IGNORE
-    loss, gf, gp = loss_and_grads(f.to(device), p.to(device), y.to(device), backend)
+    loss, gf, gp = ce(f.to(device), p.to(device), y.to(device), backend)
     assert float(loss) == 0.0
     assert not gf.any() and not gp.any()
     cm = torch.zeros(5, dtype=torch.bool, device=device)  # every class masked out
     f2, p2, y2 = make_case(2, 8, 5, (3, 3))
-    loss, gf, gp = loss_and_grads(f2.to(device), p2.to(device), y2.to(device), backend,
+    loss, gf, gp = ce(f2.to(device), p2.to(device), y2.to(device), backend,
                                   class_mask=cm)
     assert float(loss) == 0.0 and not gf.any() and not gp.any()
 
@@ -109,8 +102,8 @@ def test_detached_prototypes_get_no_grad(backend):
 def test_deterministic(backend):
     device = require(backend, OPS)
     f, p, y = make_case(2, 32, 57, (9, 11))
-    a = loss_and_grads(f.to(device), p.to(device), y.to(device), backend)
-    b = loss_and_grads(f.to(device), p.to(device), y.to(device), backend)
+    a = ce(f.to(device), p.to(device), y.to(device), backend)
+    b = ce(f.to(device), p.to(device), y.to(device), backend)
     for x, z in zip(a, b):
         assert torch.equal(x, z)
 
@@ -119,9 +112,9 @@ def test_deterministic(backend):
 def test_low_precision(backend, dtype):
     device = require(backend, OPS)
     f, p, y = make_case(2, 32, 171, (6, 7))
-    got = loss_and_grads(f.to(dtype).to(device), p.to(dtype).to(device), y.to(device), backend)
-    eager = loss_and_grads(f.to(dtype), p.to(dtype), y, "reference")
-    truth = loss_and_grads(f.to(dtype).double(), p.to(dtype).double(), y, "reference")
+    got = ce(f.to(dtype).to(device), p.to(dtype).to(device), y.to(device), backend)
+    eager = ce(f.to(dtype), p.to(dtype), y, "reference")
+    truth = ce(f.to(dtype).double(), p.to(dtype).double(), y, "reference")
     assert got[0].dtype == torch.float32 and got[1].dtype == dtype
     for name, a, e, t in zip(("loss", "dfeats", "dprotos"), got, eager, truth):
         check_low_precision(a.cpu(), e, t, dtype, name)
