@@ -29,8 +29,9 @@ _COMMON = r"""ignore_index: the label of pixels that have no target (default -10
 
 _TAU = r"""a positive number or a 0-d floating tensor; a tensor that requires grad
             is a learnable temperature (exact gradient on every backend), and a tensor
-            whose value changes is not a recompile under ``torch.compile`` (a Python
-            float is a graph input too, unless dynamo is set to specialise floats)"""
+            whose value changes is not a recompile under ``torch.compile`` (nor is a Python
+            float after the second value: dynamo then traces it as a symbol); the kernels
+            read the value on the host, so a CUDA tensor costs one small copy per call"""
 
 _AUTOCAST = r"""Under ``torch.autocast`` the features and prototypes are cast to the
     autocast dtype first (float64 stays), as ``F.linear`` does; outside it their dtypes
