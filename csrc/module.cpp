@@ -1,5 +1,6 @@
-// The Python module mdp_kernels._C. Importing it runs the static TORCH_LIBRARY registrations
-// of every kernel file (each defines its own schemas with TORCH_LIBRARY_FRAGMENT): torch.ops.mdp_cpu.* (always) and torch.ops.mdp_cuda.* (CUDA builds).
+// The Python module mdp_kernels._C. Importing it runs the static registrations: the schemas
+// of torch.ops.mdp_ext.* (schema.cpp) and their CPU kernels (csrc/cpu), plus their CUDA
+// kernels in CUDA builds (csrc/cuda).
 #include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

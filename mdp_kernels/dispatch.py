@@ -2,12 +2,14 @@
 
 Every public op is split into kernel phases that a backend implements. The public
 functional layer (``mdp_kernels.functional``) validates inputs and turns labels into
-targets; the ``torch.library`` ops in ``mdp_kernels.ops`` call ``kernel(name, backend,
-device)`` and run what it returns. ``backend="reference"`` never reaches this registry:
+targets; the ``torch.library`` ops in ``mdp_kernels.ops`` run the kernel that ``kernel``
+returns for a phase and a resolved backend. ``backend="reference"`` never reaches this registry:
 it runs the plain-PyTorch math of ``mdp_kernels.reference`` directly.
 
-Kernel contract (all backends, Python-callable; ``acc`` = float64 for float64 inputs,
-float32 otherwise):
+Kernel contract (all backends; ``acc`` = float64 for float64 inputs, float32 otherwise).
+``mdp_kernels.ops`` calls every phase with keyword arguments of the names below, which are
+also those of the C++ schemas (``csrc/schema.cpp``) and of the Triton wrappers, as
+``tests/test_schemas.py`` checks against the registered ops.
 
 Inputs are already checked. ``feats``-like tensors are 3-D ``(B, D, P)`` views that may be
 strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)``).
@@ -68,8 +70,9 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
     lowest k attaining it if score_i >= threshold else ignore_index (no temperature).
 ``bank_slot(sums (B,C,D) acc, counts (B,C) int64) -> (S (C,D) acc, n (C,) acc)``
     S_j = sum_b [counts_bj > 0] sums_bj / counts_bj, n_j = sum_b [counts_bj > 0].
-``bank_prototypes(S (K,C,D), n (K,C), normalize) -> (P (C,D), valid (C,) bool)``
-    P_j = sum_s S_sj / sum_s n_sj (0 where invalid), L2-normalised rows if ``normalize``.
+``bank_prototypes(sums (K,C,D), counts (K,C), normalize) -> (P (C,D), valid (C,) bool)``
+    P_j = sum_s sums_sj / sum_s counts_sj (0 where invalid), L2-normalised rows if
+    ``normalize``.
 """
 from __future__ import annotations
 

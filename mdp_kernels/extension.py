@@ -1,7 +1,8 @@
 """Loads the compiled extension ``mdp_kernels._C`` and registers its kernels.
 
-``torch.ops.mdp_cpu.<op>`` become the ``cpu`` backend and ``torch.ops.mdp_cuda.<op>`` the
-``cuda`` backend, op by op, under the names of the kernel contract in ``dispatch``.
+Every kernel phase is one op, ``torch.ops.mdp_ext.<phase>`` (schemas in ``csrc/schema.cpp``);
+the phases with a CPU kernel are the ``cpu`` backend, those with a CUDA kernel the ``cuda``
+backend, under the names of the kernel contract in ``dispatch``.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ except ImportError as exc:  # not built: the reference (and Triton) still work
     dispatch.mark_unavailable("cuda", reason)
 
 
-def _register(backend: str, namespace: str) -> None:
-    ns = getattr(torch.ops, namespace)
+def _register(backend: str, key: str) -> None:
+    """Register the phases that have a kernel for dispatch key ``key`` as ``backend``'s."""
     for op in dispatch.OPS:
-        if hasattr(ns, op):
-            dispatch.register(backend, op, getattr(ns, op))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"mdp_ext::{op}", key):
+            dispatch.register(backend, op, getattr(torch.ops.mdp_ext, op))
 
 
 # Below this many classes the logit recompute costs less than writing and reading the
@@ -42,7 +43,7 @@ def cpu_save_policy(op: str, num_classes: int, dim: int) -> str:
 
 
 if _C is not None:
-    _register("cpu", "mdp_cpu")
+    _register("cpu", "CPU")
     dispatch.register_save_policy("cpu", cpu_save_policy)
     if not _C.with_cuda:
         dispatch.mark_unavailable("cuda", "mdp_kernels._C was built without CUDA kernels "
@@ -50,4 +51,4 @@ if _C is not None:
     elif not torch.cuda.is_available():
         dispatch.mark_unavailable("cuda", "no CUDA device is available")
     else:
-        _register("cuda", "mdp_cuda")
+        _register("cuda", "CUDA")

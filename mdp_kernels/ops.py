@@ -61,7 +61,8 @@ def _once(op: str, backward):
 @torch.library.custom_op("mdp::class_sums", mutates_args=())
 def class_sums(feats: Tensor, targets: Tensor, num_classes: int, backend: str
                ) -> tuple[Tensor, Tensor]:
-    return dispatch.kernel("class_sums", backend)(feats, targets, num_classes)
+    return dispatch.kernel("class_sums", backend)(feats=feats, targets=targets,
+                                                  num_classes=num_classes)
 
 
 @class_sums.register_fake
@@ -73,7 +74,8 @@ def _(feats, targets, num_classes, backend):
 
 @torch.library.custom_op("mdp::class_sums_bwd", mutates_args=())
 def class_sums_bwd(grad_sums: Tensor, feats: Tensor, targets: Tensor, backend: str) -> Tensor:
-    return dispatch.kernel("class_sums_bwd", backend)(grad_sums.contiguous(), feats, targets)
+    return dispatch.kernel("class_sums_bwd", backend)(grad_sums=grad_sums.contiguous(),
+                                                      feats=feats, targets=targets)
 
 
 @class_sums_bwd.register_fake
@@ -106,10 +108,10 @@ def ce_fwd(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
     if check_finite:
         finite_or_raise(feats, "feats")
         finite_or_raise(protos, "prototypes")
+    args = dict(feats=feats, protos=protos, ta=ta, tb=tb, bias=bias, tau=float(tau))
     if save != "none":
-        return tuple(dispatch.kernel(f"ce_fwd_{save}", backend)(feats, protos, ta, tb, bias,
-                                                                 float(tau)))
-    lse, za, zb = dispatch.kernel("ce_fwd", backend)(feats, protos, ta, tb, bias, float(tau))
+        return tuple(dispatch.kernel(f"ce_fwd_{save}", backend)(**args))
+    lse, za, zb = dispatch.kernel("ce_fwd", backend)(**args)
     return lse, za, zb, feats.new_empty((0,), dtype=lse.dtype)
 
 
@@ -129,7 +131,8 @@ def ce_bwd(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], feats: Tensor, p
            ta: Tensor, tb: Optional[Tensor], bias: Optional[Tensor], lse: Tensor, tau: Tensor,
            need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
     df, dp = dispatch.kernel("ce_bwd", backend)(
-        g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, float(tau), need_feats, need_protos)
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, feats=feats, protos=protos, ta=ta, tb=tb, bias=bias,
+        lse=lse, tau=float(tau), need_feats=need_feats, need_protos=need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
@@ -144,8 +147,9 @@ def _(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need
 def ce_bwd_basis(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], basis: Tensor,
                  feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: Tensor,
                  backend: str) -> Tensor:
-    return dispatch.kernel("ce_bwd_basis", backend)(g_lse, g_za, g_zb, basis, feats, protos,
-                                                    ta, tb, float(tau))
+    return dispatch.kernel("ce_bwd_basis", backend)(
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, E=basis, feats=feats, protos=protos, ta=ta, tb=tb,
+        tau=float(tau))
 
 
 @ce_bwd_basis.register_fake
@@ -157,9 +161,9 @@ def _(g_lse, g_za, g_zb, basis, feats, protos, ta, tb, tau, backend):
 def ce_bwd_probs(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], probs: Tensor,
                  feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: Tensor,
                  need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
-    df, dp = dispatch.kernel("ce_bwd_probs", backend)(g_lse, g_za, g_zb, probs, feats, protos,
-                                                      ta, tb, float(tau), need_feats,
-                                                      need_protos)
+    df, dp = dispatch.kernel("ce_bwd_probs", backend)(
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, S=probs, feats=feats, protos=protos, ta=ta, tb=tb,
+        tau=float(tau), need_feats=need_feats, need_protos=need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
@@ -216,10 +220,11 @@ def con_fwd(student: Tensor, teacher: Tensor, protos: Tensor, bias: Optional[Ten
         finite_or_raise(student, "student")
         finite_or_raise(teacher, "teacher")
         finite_or_raise(protos, "prototypes")
-    args = (student, teacher, protos, bias, mask, float(tau_s), float(tau_t))
+    args = dict(student=student, teacher=teacher, protos=protos, bias=bias, mask=mask,
+                tau_s=float(tau_s), tau_t=float(tau_t))
     if save_basis:
-        return tuple(dispatch.kernel("con_fwd_basis", backend)(*args))
-    ce, ent, lse_s, lse_t = dispatch.kernel("con_fwd", backend)(*args)
+        return tuple(dispatch.kernel("con_fwd_basis", backend)(**args))
+    ce, ent, lse_s, lse_t = dispatch.kernel("con_fwd", backend)(**args)
     return ce, ent, lse_s, lse_t, student.new_empty((0,), dtype=ce.dtype)
 
 
@@ -239,8 +244,9 @@ def con_bwd(g_ce: Tensor, student: Tensor, teacher: Tensor, protos: Tensor,
             tau_s: Tensor, tau_t: Tensor, need_feats: bool, need_protos: bool, backend: str
             ) -> tuple[Tensor, Tensor]:
     ds, dp = dispatch.kernel("con_bwd", backend)(
-        g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, float(tau_s), float(tau_t),
-        need_feats, need_protos)
+        g_ce=g_ce, student=student, teacher=teacher, protos=protos, bias=bias, mask=mask,
+        lse_s=lse_s, lse_t=lse_t, tau_s=float(tau_s), tau_t=float(tau_t),
+        need_feats=need_feats, need_protos=need_protos)
     return (ds if need_feats else _empty_grad(student, False),
             dp if need_protos else _empty_grad(protos, False))
 
@@ -253,7 +259,7 @@ def _(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t, ne
 
 @torch.library.custom_op("mdp::con_bwd_basis", mutates_args=())
 def con_bwd_basis(g_ce: Tensor, basis: Tensor, student: Tensor, backend: str) -> Tensor:
-    return dispatch.kernel("con_bwd_basis", backend)(g_ce, basis, student)
+    return dispatch.kernel("con_bwd_basis", backend)(g_ce=g_ce, G=basis, student=student)
 
 
 @con_bwd_basis.register_fake
@@ -296,7 +302,8 @@ def pix_fwd(q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, tau: Tensor, bac
     if check_finite:
         finite_or_raise(q, "feats_q")
         finite_or_raise(k, "feats_k")
-    return dispatch.kernel("pix_fwd", backend)(q, k, qmask, kmask, float(tau))
+    return dispatch.kernel("pix_fwd", backend)(q=q, k=k, qmask=qmask, kmask=kmask,
+                                               tau=float(tau))
 
 
 @pix_fwd.register_fake
@@ -308,8 +315,9 @@ def _(q, k, qmask, kmask, tau, backend, check_finite):
 @torch.library.custom_op("mdp::pix_bwd", mutates_args=())
 def pix_bwd(g_lse: Tensor, q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, lse: Tensor,
             tau: Tensor, need_q: bool, need_k: bool, backend: str) -> tuple[Tensor, Tensor]:
-    dq, dk = dispatch.kernel("pix_bwd", backend)(g_lse, q, k, qmask, kmask, lse, float(tau),
-                                                 need_q, need_k)
+    dq, dk = dispatch.kernel("pix_bwd", backend)(g_lse=g_lse, q=q, k=k, qmask=qmask,
+                                                 kmask=kmask, lse=lse, tau=float(tau),
+                                                 need_q=need_q, need_k=need_k)
     return (dq if need_q else _empty_grad(q, False), dk if need_k else _empty_grad(k, False))
 
 
@@ -339,7 +347,9 @@ pix_fwd.register_autograd(_once("pix_fwd", _pix_backward), setup_context=_pix_se
 @torch.library.custom_op("mdp::pseudo_label", mutates_args=())
 def pseudo_label(feats: Tensor, protos: Tensor, bias: Optional[Tensor], threshold: float,
                  ignore_index: int, backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.kernel("pseudo_label", backend)(feats, protos, bias, threshold, ignore_index)
+    return dispatch.kernel("pseudo_label", backend)(feats=feats, protos=protos, bias=bias,
+                                                    threshold=threshold,
+                                                    ignore_index=ignore_index)
 
 
 @pseudo_label.register_fake
@@ -351,7 +361,7 @@ def _(feats, protos, bias, threshold, ignore_index, backend):
 
 @torch.library.custom_op("mdp::bank_slot", mutates_args=())
 def bank_slot(sums: Tensor, counts: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return dispatch.kernel("bank_slot", backend)(sums, counts)
+    return dispatch.kernel("bank_slot", backend)(sums=sums, counts=counts)
 
 
 @bank_slot.register_fake
@@ -363,7 +373,8 @@ def _(sums, counts, backend):
 @torch.library.custom_op("mdp::bank_prototypes", mutates_args=())
 def bank_prototypes(sums: Tensor, counts: Tensor, normalize: bool, backend: str
                     ) -> tuple[Tensor, Tensor]:
-    return dispatch.kernel("bank_prototypes", backend)(sums, counts, normalize)
+    return dispatch.kernel("bank_prototypes", backend)(sums=sums, counts=counts,
+                                                       normalize=normalize)
 
 
 @bank_prototypes.register_fake

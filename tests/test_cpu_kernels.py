@@ -74,7 +74,7 @@ def test_skipped_pixels_are_exactly_zero():
     """Pixels with no target (CE), masked-out pixels (consistency) and invalid queries / keys
     (pixel-to-pixel) get exactly 0 outputs and 0 gradients: they are compacted away before
     the tile products rather than computed and multiplied by 0."""
-    ops = torch.ops.mdp_cpu
+    ops = torch.ops.mdp_ext
     f, p, y = make_case(2, 16, 9, (6, 7))
     f3 = f.flatten(2)
     ta = torch.where(y == IGNORE, -1, y).flatten(1).contiguous()
@@ -120,7 +120,7 @@ def test_bank_kernels_match_reference(dtype, normalize):
     counts = torch.randint(0, 4, (b, c))
     counts[:, 2] = 0  # a class no image contains
     sums = torch.randn(b, c, d, dtype=dtype) * counts.unsqueeze(-1)
-    s, n = torch.ops.mdp_cpu.bank_slot(sums, counts)
+    s, n = torch.ops.mdp_ext.bank_slot(sums, counts)
     rs, rn = mk.reference.bank_slot(sums.double(), counts)
     assert s.dtype == dtype and n.dtype == dtype
     assert rel_err(s, rs) <= 1e-6 and torch.equal(n.double(), rn)
@@ -128,7 +128,7 @@ def test_bank_kernels_match_reference(dtype, normalize):
     slots_n = torch.randint(0, 3, (k, c)).to(dtype)
     slots_n[:, 4] = 0
     slots_s[:, 4] = 0
-    P, valid = torch.ops.mdp_cpu.bank_prototypes(slots_s, slots_n, normalize)
+    P, valid = torch.ops.mdp_ext.bank_prototypes(slots_s, slots_n, normalize)
     rP, rvalid = mk.reference.bank_prototypes(slots_s.double(), slots_n.double(), normalize)
     assert torch.equal(valid, rvalid) and not valid[4] and not P[4].any()
     assert rel_err(P, rP) <= 1e-6
@@ -219,7 +219,7 @@ def test_saved_only_with_a_gradient(monkeypatch):
     for op in ("ce_fwd_basis", "ce_fwd_probs"):
         fn = mk.dispatch.kernel(op, "cpu")
         monkeypatch.setitem(mk.dispatch._kernels["cpu"], op,
-                            lambda *a, fn=fn, op=op: calls.append(op) or fn(*a))
+                            lambda fn=fn, op=op, **kw: calls.append(op) or fn(**kw))
     f, p, y = make_case(2, 16, 5, (4, 3))
     fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_()
     with torch.no_grad():
@@ -355,7 +355,7 @@ def test_con_basis_only_when_student_grad_is_taken(monkeypatch):
     calls = []
     fwd = mk.dispatch.kernel("con_fwd_basis", "cpu")
     monkeypatch.setitem(mk.dispatch._kernels["cpu"], "con_fwd_basis",
-                        lambda *a: calls.append(1) or fwd(*a))
+                        lambda **kw: calls.append(1) or fwd(**kw))
     s, p, _ = make_case(2, 8, 5, (4, 3))
     t = torch.randn_like(s)
     sr, pr = s.clone().requires_grad_(), p.clone().requires_grad_()

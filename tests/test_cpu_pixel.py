@@ -44,7 +44,7 @@ def reference(q, k, qm, km, gl):
 
 
 def kernels(q, k, qm, km, gl, need_q=True, need_k=True):
-    ops = torch.ops.mdp_cpu
+    ops = torch.ops.mdp_ext
     lse = ops.pix_fwd(q, k, qm, km, TAU)
     dq, dk = ops.pix_bwd(gl.to(lse.dtype), q, k, qm, km, lse, TAU, need_q, need_k)
     return lse, dq, dk
@@ -114,4 +114,4 @@ def test_bad_cols_env(monkeypatch):
     monkeypatch.setenv("MDP_CPU_PIX_COLS", "0")
     q, k, qm, km, _ = case(b=1, d=4, p=5, pk=6)
     with pytest.raises(RuntimeError, match="MDP_CPU_PIX_COLS"):
-        torch.ops.mdp_cpu.pix_fwd(q, k, qm, km, TAU)
+        torch.ops.mdp_ext.pix_fwd(q, k, qm, km, TAU)

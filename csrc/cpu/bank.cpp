@@ -36,12 +36,7 @@ std::tuple<at::Tensor, at::Tensor> bank_prototypes(const at::Tensor& sums, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
-  m.def("bank_slot(Tensor sums, Tensor counts) -> (Tensor, Tensor)");
-  m.def("bank_prototypes(Tensor sums, Tensor counts, bool normalize) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CPU, m) {
   m.impl("bank_slot", &bank_slot);
   m.impl("bank_prototypes", &bank_prototypes);
 }

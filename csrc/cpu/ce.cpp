@@ -384,24 +384,7 @@ at::Tensor ce_bwd_basis(const at::Tensor& g_lse, const at::Tensor& g_za,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
-  m.def("ce_fwd(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, float tau)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("ce_bwd(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor feats, Tensor protos, "
-        "Tensor ta, Tensor? tb, Tensor? bias, Tensor lse, float tau, bool need_feats, "
-        "bool need_protos) -> (Tensor, Tensor)");
-  m.def("ce_fwd_basis(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
-        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ce_bwd_basis(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor E, Tensor feats, "
-        "Tensor protos, Tensor ta, Tensor? tb, float tau) -> Tensor");
-  m.def("ce_fwd_probs(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
-        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ce_bwd_probs(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor S, Tensor feats, "
-        "Tensor protos, Tensor ta, Tensor? tb, float tau, bool need_feats, bool need_protos)"
-        " -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CPU, m) {
   m.impl("ce_fwd", &ce_fwd);
   m.impl("ce_bwd", &ce_bwd);
   m.impl("ce_fwd_basis", &ce_fwd_basis);

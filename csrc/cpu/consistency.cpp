@@ -269,18 +269,7 @@ at::Tensor con_bwd_basis(const at::Tensor& g_ce, const at::Tensor& gs,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
-  m.def("con_fwd(Tensor student, Tensor teacher, Tensor protos, Tensor? bias, Tensor? mask, "
-        "float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("con_bwd(Tensor g_ce, Tensor student, Tensor teacher, Tensor protos, Tensor? bias, "
-        "Tensor? mask, Tensor lse_s, Tensor lse_t, float tau_s, float tau_t, bool need_feats, "
-        "bool need_protos) -> (Tensor, Tensor)");
-  m.def("con_fwd_basis(Tensor student, Tensor teacher, Tensor protos, Tensor? bias, "
-        "Tensor? mask, float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("con_bwd_basis(Tensor g_ce, Tensor G, Tensor student) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CPU, m) {
   m.impl("con_fwd", &con_fwd);
   m.impl("con_bwd", &con_bwd);
   m.impl("con_fwd_basis", &con_fwd_basis);

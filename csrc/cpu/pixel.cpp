@@ -262,13 +262,7 @@ std::tuple<at::Tensor, at::Tensor> pix_bwd(const at::Tensor& g_lse, const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
-  m.def("pix_fwd(Tensor q, Tensor k, Tensor qmask, Tensor kmask, float tau) -> Tensor");
-  m.def("pix_bwd(Tensor g_lse, Tensor q, Tensor k, Tensor qmask, Tensor kmask, Tensor lse, "
-        "float tau, bool need_q, bool need_k) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CPU, m) {
   m.impl("pix_fwd", &pix_fwd);
   m.impl("pix_bwd", &pix_bwd);
 }

@@ -61,11 +61,6 @@ std::tuple<at::Tensor, at::Tensor> pseudo_label(const at::Tensor& feats, const a
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cpu, m) {
-  m.def("pseudo_label(Tensor feats, Tensor protos, Tensor? bias, float threshold, "
-        "int ignore_index) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cpu, CPU, m) { m.impl("pseudo_label", &pseudo_label); }
+TORCH_LIBRARY_IMPL(mdp_ext, CPU, m) { m.impl("pseudo_label", &pseudo_label); }
 
 }  // namespace mdp

@@ -121,12 +121,7 @@ std::tuple<at::Tensor, at::Tensor> bank_prototypes(const at::Tensor& sums,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cuda, m) {
-  m.def("bank_slot(Tensor sums, Tensor counts) -> (Tensor, Tensor)");
-  m.def("bank_prototypes(Tensor S, Tensor n, bool normalize) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CUDA, m) {
   m.impl("bank_slot", &bank_slot);
   m.impl("bank_prototypes", &bank_prototypes);
 }

@@ -323,7 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(const at::Tensor& feats,
 
 constexpr int64_t kMaxPartials = int64_t(1) << 25;  // dprotos partial elements per call
 
-std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> ce_bwd(
+// Gradients not asked for come back undefined (None in Python), as in PyTorch's own
+// backward ops.
+std::tuple<at::Tensor, at::Tensor> ce_bwd(
     const at::Tensor& g_lse, const at::Tensor& g_za, const std::optional<at::Tensor>& g_zb,
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
     const std::optional<at::Tensor>& tb, const std::optional<at::Tensor>& bias,
@@ -338,7 +340,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> ce_bwd(
   const c10::cuda::CUDAGuard guard(feats.device());
   const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2), N = B * P;
   const int64_t C = protos.size(0);
-  std::optional<at::Tensor> dfeats, dprotos;
+  at::Tensor dfeats, dprotos;
   const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
   const int64_t* tbp = tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "mdp_cuda_ce_bwd", [&] {
@@ -390,15 +392,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> ce_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cuda, m) {
-  m.def("ce_fwd(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, float tau) "
-        "-> (Tensor, Tensor, Tensor)");
-  m.def("ce_bwd(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor feats, Tensor protos, "
-        "Tensor ta, Tensor? tb, Tensor? bias, Tensor lse, float tau, bool need_feats, "
-        "bool need_protos) -> (Tensor?, Tensor?)");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CUDA, m) {
   m.impl("ce_fwd", &ce_fwd);
   m.impl("ce_bwd", &ce_bwd);
 }

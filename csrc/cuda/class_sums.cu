@@ -237,12 +237,7 @@ at::Tensor class_sums_bwd(const at::Tensor& grad_sums, const at::Tensor& feats,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mdp_cuda, m) {
-  m.def("class_sums(Tensor feats, Tensor targets, int num_classes) -> (Tensor, Tensor)");
-  m.def("class_sums_bwd(Tensor grad_sums, Tensor feats, Tensor targets) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(mdp_cuda, CUDA, m) {
+TORCH_LIBRARY_IMPL(mdp_ext, CUDA, m) {
   m.impl("class_sums", &class_sums);
   m.impl("class_sums_bwd", &class_sums_bwd);
 }

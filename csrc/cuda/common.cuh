@@ -1,4 +1,4 @@
-// Shared helpers of the CUDA kernels (torch.ops.mdp_cuda.*).
+// Shared helpers of the CUDA kernels (torch.ops.mdp_ext.*).
 //
 // Features are (B, D, P) views with arbitrary strides; a pixel is addressed by its flat index
 // g = b * P + p, so tiles may straddle images and any layout (NCHW, channels-last, (N, D)
