@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .config import config
 
 try:
     from . import _C
@@ -42,7 +43,12 @@ def cpu_save_policy(op: str, num_classes: int, dim: int) -> str:
     return "probs" if op == "ce" and 2 * num_classes <= dim else "none"
 
 
+def _push_settings(cfg) -> None:
+    _C.set_settings(cfg.cpu_tile_rows or 0, cfg.cpu_pix_cols or 0, cfg.deterministic)
+
+
 if _C is not None:
+    config.on_change(_push_settings)
     _register("cpu", "CPU")
     dispatch.register_save_policy("cpu", cpu_save_policy)
     if not _C.with_cuda:

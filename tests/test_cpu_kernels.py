@@ -1,4 +1,8 @@
 """CPU kernels only: chunk-size invariance, run-to-run determinism, skipped pixels, bank."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,22 +50,27 @@ def outputs(c=37):
     return res
 
 
-@pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
-def test_chunk_size_invariance(monkeypatch, rows):
+@pytest.mark.parametrize("rows", [1, 7, 64, 1000])
+def test_chunk_size_invariance(rows):
     base = outputs()
-    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-    for (name, a), (_, b) in zip(outputs(), base):
+    with mk.config.override(cpu_tile_rows=rows):
+        chunked = outputs()
+    for (name, a), (_, b) in zip(chunked, base):
         if a.dtype == torch.int64:
             assert torch.equal(a, b), name
         else:
             assert rel_err(a, b) <= 1e-6, f"{name}: {rel_err(a, b):.3g}"
 
 
-def test_bad_tile_rows_env(monkeypatch):
-    monkeypatch.setenv("MDP_CPU_TILE_ROWS", "0")
-    f, p, y = make_case(1, 8, 5, (3, 3))
-    with pytest.raises(RuntimeError, match="MDP_CPU_TILE_ROWS"):
-        mk.prototype_contrast_loss(f, p, y, backend="cpu")
+def test_bad_tile_rows():
+    for bad in (0, -3, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="config.cpu_tile_rows must be a positive int"):
+            mk.config.cpu_tile_rows = bad
+    assert mk.config.cpu_tile_rows is None  # a refused value changes nothing
+    code = "import mdp_kernels"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, MDP_CPU_TILE_ROWS="0"))
+    assert out.returncode != 0 and "MDP_CPU_TILE_ROWS must be a positive integer" in out.stderr
 
 
 def test_two_runs_identical():
@@ -205,12 +214,13 @@ def test_saved_low_precision(save):
 
 
 @pytest.mark.parametrize("save", ["basis", "probs"])
-@pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
-def test_saved_chunk_size_invariance(monkeypatch, save, rows):
+@pytest.mark.parametrize("rows", [1, 7, 64, 1000])
+def test_saved_chunk_size_invariance(save, rows):
     f, p, y, yb, cm = ce_case(37)
     base = ce_grads(f, p, y, yb, cm, True, save)
-    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-    for a, b in zip(ce_grads(f, p, y, yb, cm, True, save), base):
+    with mk.config.override(cpu_tile_rows=rows):
+        chunked = ce_grads(f, p, y, yb, cm, True, save)
+    for a, b in zip(chunked, base):
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 
@@ -342,12 +352,13 @@ def test_con_basis_low_precision():
     assert sb.dtype == torch.bfloat16 and rel_err(sb, sr) <= 1e-2
 
 
-@pytest.mark.parametrize("rows", ["1", "7", "1000"])
-def test_con_basis_chunk_size_invariance(monkeypatch, rows):
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_con_basis_chunk_size_invariance(rows):
     s, t, p, mask, cm = con_case(37)
     base = con_grads(s, t, p, mask, cm, "kl", False, True)
-    monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-    for a, b in zip(con_grads(s, t, p, mask, cm, "kl", False, True)[:2], base[:2]):
+    with mk.config.override(cpu_tile_rows=rows):
+        chunked = con_grads(s, t, p, mask, cm, "kl", False, True)
+    for a, b in zip(chunked[:2], base[:2]):
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 

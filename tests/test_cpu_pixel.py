@@ -3,6 +3,7 @@ against a float64 reference of the kernel contract, on odd shapes with invalid p
 import pytest
 import torch
 
+import mdp_kernels as mk
 from conftest import require
 from helpers import rel_err
 
@@ -50,14 +51,11 @@ def kernels(q, k, qm, km, gl, need_q=True, need_k=True):
     return lse, dq, dk
 
 
-@pytest.mark.parametrize("rows,cols", [("1", "1"), ("7", "13"), ("64", "50"), ("1000", "1000"),
-                                       (None, None)])
-def test_matches_reference_for_any_block_size(monkeypatch, rows, cols):
-    if rows is not None:
-        monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-        monkeypatch.setenv("MDP_CPU_PIX_COLS", cols)
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 13), (64, 50), (1000, 1000), (None, None)])
+def test_matches_reference_for_any_block_size(rows, cols):
     q, k, qm, km, gl = case()
-    out = kernels(q, k, qm, km, gl)
+    with mk.config.override(cpu_tile_rows=rows, cpu_pix_cols=cols):
+        out = kernels(q, k, qm, km, gl)
     for name, a, r in zip(("lse", "dq", "dk"), out, reference(q, k, qm, km, gl)):
         assert a.dtype == (torch.float32 if name == "lse" else q.dtype)
         assert rel_err(a, r) <= 2e-6, f"{name}: {rel_err(a, r):.3g}"
@@ -69,29 +67,28 @@ def test_matches_reference_for_any_block_size(monkeypatch, rows, cols):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.bfloat16, 2e-2),
                                        (torch.float16, 4e-3)])
-def test_dtypes(monkeypatch, dtype, tol):
-    monkeypatch.setenv("MDP_CPU_PIX_COLS", "40")
+def test_dtypes(dtype, tol):
     q, k, qm, km, gl = case(b=2, d=24, p=77, pk=91, dtype=dtype, seed=1)
-    for name, a, r in zip(("lse", "dq", "dk"), kernels(q, k, qm, km, gl),
-                          reference(q, k, qm, km, gl)):
+    with mk.config.override(cpu_pix_cols=40):
+        out = kernels(q, k, qm, km, gl)
+    for name, a, r in zip(("lse", "dq", "dk"), out, reference(q, k, qm, km, gl)):
         assert rel_err(a, r) <= tol, f"{name}: {rel_err(a, r):.3g}"
 
 
 @pytest.mark.parametrize("b", [1, 3])
-def test_thread_count_and_need_flags_do_not_change_bits(monkeypatch, b):
+def test_thread_count_and_need_flags_do_not_change_bits(b):
     """One image per task (B >= threads) and one task per key block (B < threads) sum dK in
     the same order; dq / dk alone equal their values when both are asked for."""
-    monkeypatch.setenv("MDP_CPU_TILE_ROWS", "32")
-    monkeypatch.setenv("MDP_CPU_PIX_COLS", "48")
     q, k, qm, km, gl = case(b=b, p=200, pk=130, seed=2)
     threads = torch.get_num_threads()
     try:
-        outs = []
-        for n in (1, 2, 4):
-            torch.set_num_threads(n)
-            outs.append(kernels(q, k, qm, km, gl))
-        outs.append(kernels(q, k, qm, km, gl, need_k=False)[:2] +
-                    kernels(q, k, qm, km, gl, need_q=False)[2:])
+        with mk.config.override(cpu_tile_rows=32, cpu_pix_cols=48):
+            outs = []
+            for n in (1, 2, 4):
+                torch.set_num_threads(n)
+                outs.append(kernels(q, k, qm, km, gl))
+            outs.append(kernels(q, k, qm, km, gl, need_k=False)[:2] +
+                        kernels(q, k, qm, km, gl, need_q=False)[2:])
     finally:
         torch.set_num_threads(threads)
     for o in outs[1:]:
@@ -110,8 +107,6 @@ def test_strided_inputs():
     assert b[1].stride() == qs.stride() and b[2].stride() == ks.stride()
 
 
-def test_bad_cols_env(monkeypatch):
-    monkeypatch.setenv("MDP_CPU_PIX_COLS", "0")
-    q, k, qm, km, _ = case(b=1, d=4, p=5, pk=6)
-    with pytest.raises(RuntimeError, match="MDP_CPU_PIX_COLS"):
-        torch.ops.mdp_ext.pix_fwd(q, k, qm, km, TAU)
+def test_bad_cols():
+    with pytest.raises(ValueError, match="config.cpu_pix_cols must be a positive int"):
+        mk.config.cpu_pix_cols = 0

@@ -26,14 +26,10 @@ inline int64_t valid_idx(const bool* m, int64_t n, int64_t* idx) {
   return nv;
 }
 
-// Key pixels per block: 512, or MDP_CPU_PIX_COLS when set (tests check block invariance).
+// Key pixels per block: 512, or config.cpu_pix_cols when set (tests check block invariance).
 inline int64_t pix_cols() {
-  if (const char* env = std::getenv("MDP_CPU_PIX_COLS")) {
-    const long v = std::atol(env);
-    TORCH_CHECK(v > 0, "MDP_CPU_PIX_COLS must be a positive integer, got ", env);
-    return v;
-  }
-  return 512;
+  const int64_t v = settings().cpu_pix_cols.load();
+  return v ? v : 512;
 }
 
 void pix_check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& qmask,

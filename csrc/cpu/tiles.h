@@ -10,18 +10,15 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../settings.h"
 #include "common.h"
 
 namespace mdp {
 
 // Pixels per chunk for a tile with `cols` columns: about 512 KB of fp32 logits (L2-sized),
-// or MDP_CPU_TILE_ROWS when set (tests use it to check chunk-size invariance).
+// or config.cpu_tile_rows when set (tests use it to check chunk-size invariance).
 inline int64_t tile_rows(int64_t cols) {
-  if (const char* env = std::getenv("MDP_CPU_TILE_ROWS")) {
-    const long v = std::atol(env);
-    TORCH_CHECK(v > 0, "MDP_CPU_TILE_ROWS must be a positive integer, got ", env);
-    return v;
-  }
+  if (const int64_t v = settings().cpu_tile_rows.load()) return v;
   const int64_t r = (131072 / std::max<int64_t>(cols, 1)) / 16 * 16;
   return std::min<int64_t>(std::max<int64_t>(r, 16), 1024);
 }

@@ -9,8 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
+#include "../settings.h"
 
 namespace mdp {
 namespace cuda {
@@ -25,14 +24,10 @@ inline at::ScalarType acc_scalar_type(at::ScalarType t) {
 }
 
 // Deterministic (default): no float atomics anywhere, results are bitwise reproducible.
-// MDP_CUDA_DETERMINISTIC=0 lets class_sums add per-block partial sums with float atomics
-// (one pass, no partial buffer) unless torch.use_deterministic_algorithms(True) is set.
+// config.deterministic = False lets class_sums add per-block partial sums with float
+// atomics (one pass, no partial buffer) unless torch.use_deterministic_algorithms(True).
 inline bool deterministic() {
-  static const bool env = [] {
-    const char* v = std::getenv("MDP_CUDA_DETERMINISTIC");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return env || at::globalContext().deterministicAlgorithms();
+  return settings().deterministic.load() || at::globalContext().deterministicAlgorithms();
 }
 
 // The current stream of the current device (at::cuda::getCurrentCUDAStream is this function;
