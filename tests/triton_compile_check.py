@@ -40,8 +40,8 @@ MODULES = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "clas
            "pseudo_label")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}
-INT64 = {"ta_ptr", "tb_ptr", "lab_ptr"}
-INT32 = {"mask_ptr", "qm_ptr", "km_ptr", "counts_ptr"}  # masks are passed as int32
+INT64 = {"lab_ptr"}
+INT32 = {"ta_ptr", "tb_ptr", "mask_ptr", "qm_ptr", "km_ptr", "counts_ptr"}  # see _tiles
 ACC = {"lse_ptr", "za_ptr", "zb_ptr", "ce_ptr", "ent_ptr", "lss_ptr", "lst_ptr", "gl_ptr",
        "ga_ptr", "gb_ptr", "g_ptr", "part_ptr", "sums_ptr", "dp_ptr", "bias_ptr"}
 FLOATS = {"scale", "scale_s", "scale_t", "threshold"}
@@ -148,11 +148,14 @@ def run(job):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("dtypes", nargs="*", help=f"of {', '.join(DTYPES)} (default: all)")
     ap.add_argument("-j", "--jobs", type=int, default=2)
     ap.add_argument("--json", help="write every row here")
     a = ap.parse_args(argv)
-    todo = jobs(a.dtypes)
+    bad = set(a.dtypes) - set(DTYPES)
+    if bad:
+        ap.error(f"unknown dtypes {sorted(bad)}")
+    todo = jobs(a.dtypes or list(DTYPES))
     print(f"triton {triton.__version__}: {len(todo)} compiles for sm_90", flush=True)
     rows = []
     with ProcessPoolExecutor(a.jobs) as pool:

@@ -4,9 +4,10 @@ Feature tensors are strided ``(B, D, P)`` views; a pixel tile is loaded pixels-a
 ``(BLOCK_P, BLOCK_D)``. Offsets are formed in int64 (index ``.to(tl.int64)`` before the
 stride multiply) so that views over more than 2**31 elements address correctly.
 Prototypes are contiguous ``(C, D)``; class bias is float32 ``(C,)`` of 0 / -inf.
-Boolean masks come in as int32: Triton 3.6 derives the fp64 MMA operand layout from the
-narrowest type feeding the operand, and an int8 (bool) mask there gives a layout its fp64
-MMA cannot lower ("fp64 don't support largeK MMA").
+Boolean masks and CE targets come in as int32, for fp64 on Triton 3.6: it derives the fp64
+MMA operand layout from the narrowest type feeding the operand, and an int8 (bool) mask
+there gives a layout its fp64 MMA cannot lower ("fp64 don't support largeK MMA"); masks
+from int64 targets trip its layout-conversion pass.
 """
 import triton
 import triton.language as tl

@@ -122,8 +122,8 @@ def ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats,
     c = protos.shape[0]
     acc = acc_dtype(feats.dtype)
     protos = protos.contiguous()
-    ta = ta.contiguous()
-    tb_ = ta if tb is None else tb.contiguous()
+    ta = ta.to(torch.int32)
+    tb_ = ta if tb is None else tb.to(torch.int32)
     bias_ = lse if bias is None else bias.contiguous()
     g = [x.contiguous() for x in (g_lse, g_za, g_za if g_zb is None else g_zb)]
     df = torch.empty_like(feats) if need_feats else None

@@ -63,8 +63,8 @@ def ce_fwd(feats, protos, ta, tb, bias, tau):
            for _ in range(3)]
     if bsz * npx == 0:
         return tuple(out)
-    ta = ta.contiguous()
-    tb_ = ta if tb is None else tb.contiguous()
+    ta = ta.to(torch.int32)
+    tb_ = ta if tb is None else tb.to(torch.int32)
     bias_ = out[0] if bias is None else bias.contiguous()
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         feats, protos.contiguous(), ta, tb_, bias_, *out, npx, c, d, *feats.stride(), 1.0 / tau,
