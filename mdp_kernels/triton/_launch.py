@@ -61,13 +61,12 @@ def grid_configs(names: tuple[str, str], rows) -> list[tuple[dict, int, int]]:
     return [(dict(zip(names, blocks)), w, s) for blocks, w, s in rows]
 
 
-# Pixel-block kernels streaming over class tiles: forward (logit tile only) and backward
-# (an fp32 (BLOCK_P, BLOCK_D) gradient accumulator as well, hence 8 warps).
+# Lists chosen from tests/triton_compile_check.py (Triton 3.6, sm_90, bf16, D = 256): the
+# configs without (or with the fewest) register spills, the one with none first. SMALL ends
+# every list: it is what fits fp32 (tf32x3) and the largest D.
+SMALL = [((32, 32), 8, 2), ((32, 16), 4, 2), ((32, 16), 4, 1)]
 FWD_CONFIGS = grid_configs(("BLOCK_P", "BLOCK_C"), [((64, 64), 4, 2), ((128, 64), 8, 2),
-                                                   ((128, 128), 8, 2), ((64, 128), 4, 3),
-                                                   ((128, 64), 8, 3)])
-BWD_CONFIGS = grid_configs(("BLOCK_P", "BLOCK_C"), [((64, 64), 8, 2), ((128, 64), 8, 2),
-                                                   ((64, 128), 8, 2), ((64, 64), 4, 3)])
+                                                   ((128, 64), 8, 3)] + SMALL)
 
 
 @contextlib.contextmanager
@@ -98,7 +97,7 @@ def precision(dtype: torch.dtype) -> str:
 
 def max_dim(dtype: torch.dtype) -> int:
     """The largest feature dim the Triton kernels take for ``dtype``."""
-    return ROW_BYTES // torch.tensor([], dtype=dtype).element_size()
+    return ROW_BYTES // dtype.itemsize
 
 
 def block_d(d: int, dtype: torch.dtype) -> int:
@@ -141,20 +140,23 @@ class Kernel:
         self.tuned = triton.autotune(cfgs, key=self.key, reset_to_zero=reset_to_zero,
                                      prune_configs_by={"early_config_prune": self.prune})(fn)
 
-    def cost(self, cfg: triton.Config, bd: int, esize: int, acc_size: int) -> tuple[int, int]:
-        """(shared-memory bytes, accumulator registers per thread) estimated for ``cfg``."""
+    def cost(self, cfg: triton.Config, bd: int, esize: int, acc_size: int,
+             split: bool = False) -> tuple[int, int]:
+        """(shared-memory bytes, accumulator registers per thread) estimated for ``cfg``.
+        ``split``: tf32x3 operands, stored as a high and a low part, one more buffer deep
+        (Triton 3.6 for sm_90, measured by tests/triton_compile_check.py)."""
         once, loop, acc = self.tiles(cfg.kwargs, bd)
-        return (esize * (once + cfg.num_stages * loop),
+        stages = cfg.num_stages + split
+        return ((1 + split) * esize * (once + stages * loop),
                 acc * acc_size // 4 // (32 * cfg.num_warps))
 
     def fitting(self, bd: int, dtype: torch.dtype, limit: int | None = None) -> list:
         """The configs that survive pruning for BLOCK_D = ``bd`` and inputs of ``dtype``."""
         limit = smem_limit() if limit is None else limit
-        es = torch.tensor([], dtype=dtype).element_size()
-        acc = torch.tensor([], dtype=acc_dtype(dtype)).element_size()
+        split = precision(dtype) == "tf32x3"
         out = []
         for c in self.configs:
-            smem, regs = self.cost(c, bd, es, acc)
+            smem, regs = self.cost(c, bd, dtype.itemsize, acc_dtype(dtype).itemsize, split)
             if smem <= limit and regs <= MAX_REGS:
                 out.append(c)
         return out

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FWD_CONFIGS, Kernel, acc_dtype, block_d, precision
+from ._launch import SMALL, Kernel, acc_dtype, block_d, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 
 
@@ -60,7 +60,8 @@ def _con_fwd(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, ce_ptr, ent_ptr, lss_ptr, 
 
 
 # student and teacher tiles, one prototype tile per step; both logit tiles.
-_kernel = Kernel(_con_fwd, FWD_CONFIGS,
+_kernel = Kernel(_con_fwd, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                     ((64, 32), 8, 2), ((32, 64), 4, 2), ((64, 64), 8, 2)] + SMALL),
                  lambda m, bd: (2 * m["BLOCK_P"] * bd, bd * m["BLOCK_C"],
                                 2 * m["BLOCK_P"] * m["BLOCK_C"]),
                  interp=dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])

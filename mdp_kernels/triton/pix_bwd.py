@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, block_d, grid_configs, precision
+from ._launch import SMALL, Kernel, block_d, grid_configs, precision
 from ._tiles import count, load_rows, mm, store_rows
 from .pix_fwd import load_cols
 
@@ -61,16 +61,16 @@ def _pix_bwd_k(q_ptr, k_ptr, qm_ptr, km_ptr, lse_ptr, g_ptr, dk_ptr, P, PK, D,
     store_rows(dk_ptr, dk, b, j, j < PK, D, sgb, sgd, sgp, BLOCK_D)
 
 
-_CONFIGS = grid_configs(("BLOCK_Q", "BLOCK_K"), [((64, 64), 8, 2), ((128, 64), 8, 2),
-                                                 ((64, 128), 8, 2), ((64, 64), 4, 3)])
 _INTERP = dict(BLOCK_Q=64, BLOCK_K=64)
 # the owned rows' tile (plus the probabilities staged for the second product), one tile of
 # the other side per step; the gradient accumulator and the score tile.
-_dq = Kernel(_pix_bwd_q, _CONFIGS,
+_dq = Kernel(_pix_bwd_q, grid_configs(("BLOCK_Q", "BLOCK_K"), [
+                 ((64, 32), 8, 2), ((128, 32), 8, 2), ((64, 64), 8, 2)] + SMALL),
              lambda m, bd: (m["BLOCK_Q"] * (bd + m["BLOCK_K"]), bd * m["BLOCK_K"],
                             m["BLOCK_Q"] * (bd + m["BLOCK_K"])),
              _INTERP, key=["P", "PK", "D"])
-_dk = Kernel(_pix_bwd_k, _CONFIGS,
+_dk = Kernel(_pix_bwd_k, grid_configs(("BLOCK_Q", "BLOCK_K"), [
+                 ((64, 32), 8, 2), ((64, 64), 8, 2)] + SMALL),
              lambda m, bd: (m["BLOCK_K"] * (bd + m["BLOCK_Q"]), bd * m["BLOCK_Q"],
                             m["BLOCK_K"] * (bd + m["BLOCK_Q"])),
              _INTERP, key=["P", "PK", "D"])
