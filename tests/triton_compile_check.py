@@ -1,9 +1,9 @@
 """Compile what the GPU will run, for sm_90, without a GPU: every Triton kernel, every config
 that survives pruning (``Kernel.fitting``) at D = 256 and at the largest D the dtype takes,
 for bf16 / fp16 / fp32 / fp64, with every constexpr flag on; then the first config with each
-flag off. Reports shared memory (and the pruning estimate), registers and spill bytes
-(``cuobjdump --dump-resource-usage`` on the cubin); exits 1 on a config that cannot run (a
-compile error, or more shared memory than an sm_90 block can get).
+flag off. Reports shared memory (and the pruning estimate), registers and the stack frame, where
+ptxas puts register spills (``cuobjdump --dump-resource-usage`` on the cubin); exits 1 on a
+config that cannot run (a compile error, or more shared memory than an sm_90 block can get).
 
 Catches what the interpreter cannot (compiled-mode-only errors, layouts a Triton version
 cannot lower, shared-memory overflow). Use the Triton version of the GPU machine, e.g.::
@@ -166,13 +166,13 @@ def main(argv=None):
                   r.get("meta"), f"w{r.get('num_warps')} s{r.get('num_stages')}",
                   f"off={off}" if off else "",
                   f"shared={r.get('shared')} (est {r.get('smem_estimate')}) reg={r.get('reg')}"
-                  f" spill={r.get('local')} {r.get('seconds')}s", r.get("error", ""),
+                  f" stack={r.get('stack')} {r.get('seconds')}s", r.get("error", ""),
                   flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
     failed = [r for r in rows if not r["ok"]]
-    spills = [r for r in rows if r.get("local")]
+    spills = [r for r in rows if r.get("stack") or r.get("local")]
     print(f"{len(rows) - len(failed)}/{len(rows)} compiled; {len(spills)} spill; "
           f"max shared {max((r.get('shared') or 0) for r in rows)} B")
     return 1 if failed else 0

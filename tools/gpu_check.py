@@ -180,6 +180,10 @@ def main(argv=None) -> int:
             # e.g. pip offline without a tool the Makefile installs: build in place
             r.run("build-inplace", [py, "setup.py", "build_ext", "--inplace"],
                   deadline["build"], env=benv)
+        wheels = sorted(str(w) for w in (ROOT / "wheels").glob("*.whl"))
+        if wheels and Path(py).exists():  # carried competitors (README, GPU check)
+            r.run("wheels", [py, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                             *wheels], 60, env=env)
     t0 = time.time()
     info["probe"] = probe(py, env) if Path(py).exists() else {"error": f"{py} not found"}
     r.stages.insert(0, {"stage": "env", "status": "ok" if "error" not in info["probe"]
