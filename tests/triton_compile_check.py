@@ -104,7 +104,8 @@ def compile_one(job):
                     constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
     cfg = triton.Config(meta, num_warps=warps, num_stages=stages)
     es = dtype.itemsize
-    est = k.cost(cfg, consts["BLOCK_D"], es, _launch.acc_dtype(dtype).itemsize)[0]
+    est = k.cost(cfg, consts["BLOCK_D"], es, _launch.acc_dtype(dtype).itemsize,
+                 _launch.precision(dtype) == "tf32x3")[0]
     row = dict(kernel=fn.__name__, dtype=dt, D=d, meta=meta, num_warps=warps,
                num_stages=stages, flags=flags, smem_estimate=est)
     t0 = time.time()
@@ -173,8 +174,10 @@ def main(argv=None):
             json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
     failed = [r for r in rows if not r["ok"]]
     spills = [r for r in rows if r.get("stack") or r.get("local")]
-    print(f"{len(rows) - len(failed)}/{len(rows)} compiled; {len(spills)} spill; "
-          f"max shared {max((r.get('shared') or 0) for r in rows)} B")
+    under = [r for r in rows if r.get("shared", 0) > r.get("smem_estimate", 1 << 30)]
+    print(f"{len(rows) - len(failed)}/{len(rows)} compiled; {len(spills)} with a stack frame "
+          f"(spills, max {max((r.get('stack') or 0) for r in rows)} B); max shared "
+          f"{max((r.get('shared') or 0) for r in rows)} B; {len(under)} above their estimate")
     return 1 if failed else 0
 
 

@@ -103,16 +103,16 @@ def _ce_bwd_protos(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_p
 
 
 _INTERP = dict(BLOCK_P=64, BLOCK_C=64)
-# f, one prototype tile per step (plus dz^T staged for the atomic product); dF and z.
+# f and dz, one prototype tile per step and its transposed copy; dF and z.
 _feats = Kernel(_ce_bwd_feats, grid_configs(("BLOCK_P", "BLOCK_C"), [
                     ((64, 32), 8, 2), ((32, 64), 4, 2), ((64, 64), 8, 2), ((128, 32), 8, 2)]
                     + SMALL),
-                lambda m, bd: (m["BLOCK_P"] * (bd + m["BLOCK_C"]), bd * m["BLOCK_C"],
+                lambda m, bd: (m["BLOCK_P"] * (bd + m["BLOCK_C"]), 2 * bd * m["BLOCK_C"],
                                m["BLOCK_P"] * (bd + m["BLOCK_C"])),
                 _INTERP, key=["P", "C", "D"], reset_to_zero=["dp_ptr"])
 # the prototype tile and dz^T, one pixel tile per step; dP and z.
 _protos = Kernel(_ce_bwd_protos, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                     ((64, 32), 8, 2), ((64, 64), 8, 2)] + SMALL),
+                     ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2)] + SMALL[1:]),
                  lambda m, bd: (m["BLOCK_C"] * (bd + m["BLOCK_P"]), m["BLOCK_P"] * bd,
                                 m["BLOCK_C"] * (bd + m["BLOCK_P"])),
                  _INTERP, key=["P", "C", "D"])

@@ -58,14 +58,16 @@ def _class_sums_bwd(g_ptr, t_ptr, df_ptr, P, C, D, sdb, sdd, sdp,
 
 # the one-hot tile, one feature tile per step; the class-sum accumulator.
 _fwd = Kernel(_class_sums, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                  ((64, 32), 8, 2), ((64, 64), 8, 2), ((128, 32), 8, 2)] + SMALL),
+                  ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2)] + SMALL[1:]),
               lambda m, bd: (m["BLOCK_C"] * m["BLOCK_P"], m["BLOCK_P"] * bd,
                              m["BLOCK_C"] * bd),
               dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])
-# a gather: no shared memory, one gradient row per pixel in registers.
+# a gather: the rows in registers, loaded and again in the store layout (converted through
+# shared memory).
 _bwd = Kernel(_class_sums_bwd, [(dict(BLOCK_P=bp), w, 2) for bp, w in ((32, 4), (64, 8),
                                                                         (16, 4))],
-              lambda m, bd: (0, 0, m["BLOCK_P"] * bd), dict(BLOCK_P=64), key=["P", "D"])
+              lambda m, bd: (m["BLOCK_P"] * bd, 0, 2 * m["BLOCK_P"] * bd), dict(BLOCK_P=64),
+              key=["P", "D"])
 
 
 def class_sums(feats, targets, num_classes):

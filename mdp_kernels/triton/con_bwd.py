@@ -96,12 +96,13 @@ def _con_bwd_protos(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g
 _INTERP = dict(BLOCK_P=64, BLOCK_C=64)
 # as the CE backward, with a teacher tile and teacher logits besides the student's.
 _feats = Kernel(_con_bwd_feats, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                    ((64, 32), 8, 2), ((64, 64), 8, 1), ((32, 64), 4, 2)] + SMALL),
-                lambda m, bd: (m["BLOCK_P"] * (2 * bd + m["BLOCK_C"]), bd * m["BLOCK_C"],
+                    ((64, 32), 8, 2), ((64, 64), 8, 1), ((32, 64), 4, 2)] + SMALL
+                    + [((16, 16), 4, 2)]),
+                lambda m, bd: (m["BLOCK_P"] * (2 * bd + m["BLOCK_C"]), 2 * bd * m["BLOCK_C"],
                                m["BLOCK_P"] * (bd + 2 * m["BLOCK_C"])),
                 _INTERP, key=["P", "C", "D"], reset_to_zero=["dp_ptr"])
 _protos = Kernel(_con_bwd_protos, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                     ((32, 64), 4, 2), ((64, 32), 8, 2)] + SMALL + [((16, 32), 4, 1)]),
+                     ((32, 32), 8, 2), ((16, 32), 4, 1), ((64, 32), 8, 2)] + SMALL[1:]),
                  lambda m, bd: (m["BLOCK_C"] * (bd + m["BLOCK_P"]), 2 * m["BLOCK_P"] * bd,
                                 m["BLOCK_C"] * (bd + 2 * m["BLOCK_P"])),
                  _INTERP, key=["P", "C", "D"])
