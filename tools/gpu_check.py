@@ -124,14 +124,24 @@ def probe(py: str, env: dict) -> dict:
     return {"error": (r.stdout + r.stderr)[-1500:]}
 
 
-def tool_version(cmd: list[str]) -> str | None:
-    if shutil.which(cmd[0]) is None:
+def find_tool(name: str) -> str | None:
+    """``name`` on PATH, else in the CUDA toolkit (CUDA_HOME, /usr/local/cuda)."""
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin"),
+            "/usr/local/cuda/bin"]
+    return shutil.which(name) or next((os.path.join(d, name) for d in dirs
+                                       if os.access(os.path.join(d, name), os.X_OK)), None)
+
+
+def tool_output(cmd: list[str]) -> str | None:
+    """What ``cmd`` prints (None if the tool is absent or fails)."""
+    exe = find_tool(cmd[0])
+    if exe is None:
         return None
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"error: {exc}"
-    return (r.stdout + r.stderr).strip()[-400:]
+        r = subprocess.run([exe] + cmd[1:], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (r.stdout + r.stderr).strip()[-400:] if r.returncode == 0 else None
 
 
 def main(argv=None) -> int:
@@ -144,9 +154,9 @@ def main(argv=None) -> int:
                                                  " (dry: build/gpu-check-dry)")
     a = ap.parse_args(argv)
     t_start = time.time()
-    smi = tool_version(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                        "compute_cap", "--format=csv,noheader"])
-    gpu = bool(smi) and not smi.startswith("error") and not a.dry
+    smi = tool_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                       "compute_cap", "--format=csv,noheader"])
+    gpu = bool(smi) and not a.dry
     mode = "gpu" if gpu else "dry"
     gpu_name = smi.splitlines()[0].split(",")[0].strip() if gpu else "dry"
     results = a.results or (ROOT / "benchmarks" / "results" / f"gpu-check-{slug(gpu_name)}"
@@ -164,8 +174,8 @@ def main(argv=None) -> int:
     # 1. environment
     info = {"mode": mode, "date": datetime.datetime.now(datetime.timezone.utc)
             .isoformat(timespec="seconds"), "nvidia_smi": smi,
-            "nvcc": tool_version(["nvcc", "--version"]),
-            "compute_sanitizer": tool_version(["compute-sanitizer", "--version"]),
+            "nvcc": tool_output(["nvcc", "--version"]),
+            "compute_sanitizer": tool_output(["compute-sanitizer", "--version"]),
             "nproc": os.cpu_count(), "python_for_stages": py,
             "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip() or None}
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
     # 4. memcheck on small odd shapes
     odd = [py, str(ROOT / "tools" / "odd_shapes.py"), "--device", "cuda" if gpu else "cpu"]
     if gpu and info["compute_sanitizer"]:
-        odd = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
+        odd = [find_tool("compute-sanitizer"), "--tool", "memcheck", "--error-exitcode", "1",
                "--target-processes", "all"] + odd
     r.run("memcheck", odd, deadline["memcheck"], env=tenv)
 

@@ -1,11 +1,12 @@
 """Launch plumbing shared by the Triton kernels: config lists and their pruning, the fp32
 dot precision, the feature-dim limit, pixel chunking and the deterministic switch.
 
-Configs. Each kernel has a short list of (block sizes, num_warps, num_stages), the safest
-first. On a GPU ``triton.autotune`` tries the configs that survive pruning: a config is
-dropped before it is compiled when its shared-memory estimate (operand tiles: those loaded
-once, plus ``num_stages`` buffers of those loaded in the loop) exceeds what a block can get,
-or its accumulators need more than 128 fp32 registers per thread (they would spill). The
+Configs. Each kernel has a short list of (block sizes, num_warps, num_stages), the one
+with the fewest register spills first. On a GPU ``triton.autotune`` tries the configs that
+survive pruning: a config is dropped before it is compiled when its shared-memory estimate
+(``Kernel.cost``: operand tiles loaded once, plus the buffers of those loaded in the loop)
+exceeds what a block can get, or its accumulators need more than 128 fp32 registers per
+thread (they would spill). The
 autotune key is the kernel's size arguments (C, D, and P or PK: pixels per image) plus every
 constexpr that is not a tuned block size (dtype-dependent flags, HAS_*, NEED_F, ATOMIC,
 PREC), and the tensors' dtypes. ``set_autotune(False)`` (or ``MDP_TRITON_AUTOTUNE=0``) pins
@@ -64,7 +65,7 @@ def grid_configs(names: tuple[str, str], rows) -> list[tuple[dict, int, int]]:
 # Lists chosen from tests/triton_compile_check.py (Triton 3.6, sm_90, bf16, D = 256): the
 # configs without (or with the fewest) register spills, the one with none first. SMALL ends
 # every list: it is what fits fp32 (tf32x3) and the largest D.
-SMALL = [((32, 32), 8, 2), ((32, 16), 4, 2), ((32, 16), 4, 1)]
+SMALL = [((32, 32), 8, 2), ((32, 16), 4, 2)]
 FWD_CONFIGS = grid_configs(("BLOCK_P", "BLOCK_C"), [((64, 64), 4, 2), ((128, 64), 8, 2),
                                                    ((128, 64), 8, 3)] + SMALL)
 
