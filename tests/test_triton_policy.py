@@ -96,3 +96,8 @@ def test_pinned_config_is_the_first_that_fits():
     first = k.prune(k.configs, {k.fn.arg_names[0]: x}, BLOCK_D=256)[0]
     assert first == k.fitting(256, torch.float32)[0]
     assert k.fitting(256, torch.bfloat16)[0] == k.configs[0]
+
+
+def test_auto_prefers_triton_over_the_experimental_cuda_backend():
+    from mdp_kernels import dispatch
+    assert dispatch._auto_order(torch.device("cuda"))[0] == "triton"

@@ -112,7 +112,7 @@ _feats = Kernel(_ce_bwd_feats, grid_configs(("BLOCK_P", "BLOCK_C"), [
                 _INTERP, key=["P", "C", "D"], reset_to_zero=["dp_ptr"])
 # the prototype tile and dz^T, one pixel tile per step; dP and z.
 _protos = Kernel(_ce_bwd_protos, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                     ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2)] + SMALL[1:]),
+                     ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2), ((32, 16), 4, 2)]),
                  lambda m, bd: (m["BLOCK_C"] * (bd + m["BLOCK_P"]), m["BLOCK_P"] * bd,
                                 m["BLOCK_C"] * (bd + m["BLOCK_P"])),
                  _INTERP, key=["P", "C", "D"])

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import SMALL, Kernel, acc_dtype, block_d, chunks, grid_configs, precision
+from ._launch import Kernel, acc_dtype, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_rows, mm, store_rows
 
 
@@ -58,7 +58,7 @@ def _class_sums_bwd(g_ptr, t_ptr, df_ptr, P, C, D, sdb, sdd, sdp,
 
 # the one-hot tile, one feature tile per step; the class-sum accumulator.
 _fwd = Kernel(_class_sums, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                  ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2)] + SMALL[1:]),
+                  ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2), ((32, 16), 4, 2)]),
               lambda m, bd: (m["BLOCK_C"] * m["BLOCK_P"], m["BLOCK_P"] * bd,
                              m["BLOCK_C"] * bd),
               dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])

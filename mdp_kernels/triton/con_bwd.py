@@ -102,7 +102,7 @@ _feats = Kernel(_con_bwd_feats, grid_configs(("BLOCK_P", "BLOCK_C"), [
                                m["BLOCK_P"] * (bd + 2 * m["BLOCK_C"])),
                 _INTERP, key=["P", "C", "D"], reset_to_zero=["dp_ptr"])
 _protos = Kernel(_con_bwd_protos, grid_configs(("BLOCK_P", "BLOCK_C"), [
-                     ((32, 32), 8, 2), ((16, 32), 4, 1), ((64, 32), 8, 2)] + SMALL[1:]),
+                     ((32, 32), 8, 2), ((16, 32), 4, 1), ((64, 32), 8, 2), ((32, 16), 4, 2)]),
                  lambda m, bd: (m["BLOCK_C"] * (bd + m["BLOCK_P"]), 2 * m["BLOCK_P"] * bd,
                                 m["BLOCK_C"] * (bd + 2 * m["BLOCK_P"])),
                  _INTERP, key=["P", "C", "D"])

@@ -46,7 +46,8 @@ def _pix_fwd(q_ptr, k_ptr, qm_ptr, km_ptr, lse_ptr, P, PK, D, sqb, sqd, sqp, skb
 
 # the query tile, one key tile per step; the score tile.
 _kernel = Kernel(_pix_fwd, grid_configs(("BLOCK_Q", "BLOCK_K"), [
-                     ((128, 64), 8, 2), ((64, 64), 4, 2), ((128, 128), 8, 2)] + SMALL),
+                     ((128, 64), 8, 2), ((64, 64), 4, 2), ((128, 128), 8, 2), ((64, 16), 4, 2)]
+                 + SMALL),
                  lambda m, bd: (m["BLOCK_Q"] * bd, bd * m["BLOCK_K"], m["BLOCK_Q"] * m["BLOCK_K"]),
                  interp=dict(BLOCK_Q=64, BLOCK_K=64), key=["P", "PK", "D"])
 
