@@ -25,7 +25,7 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q triton numpy pytest pytest-benchmark ninja "setuptools>=64" wheel tqdm pyyaml pillow matplotlib
+	$(PIP) install -q triton numpy pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel tqdm pyyaml pillow matplotlib
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -14,12 +14,13 @@ except ImportError as _exc:
 else:
     from . import triton  # noqa: F401  registers the Triton kernels
 from .bank import PrototypeBank
+from .config import config
 from .dispatch import available_backends
 from .functional import (class_embedding_sums, masked_average_pool, pixel_contrast_loss,
                          prototype_consistency_loss, prototype_contrast_loss, pseudo_label)
 from .modules import PrototypeContrastLoss
 
 __version__ = "0.1.0"
-__all__ = ["PrototypeBank", "PrototypeContrastLoss", "available_backends",
+__all__ = ["PrototypeBank", "PrototypeContrastLoss", "available_backends", "config",
            "class_embedding_sums", "masked_average_pool", "pixel_contrast_loss",
            "prototype_consistency_loss", "prototype_contrast_loss", "pseudo_label"]

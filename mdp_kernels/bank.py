@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import dispatch, ops, reference
+from . import checks, dispatch, ops, reference, validation as V
 from .functional import class_embedding_sums
 
 
@@ -20,23 +20,32 @@ class PrototypeBank(nn.Module):
     dataset). State lives in buffers, so ``state_dict`` round-trips exactly, ``.to()`` moves
     the bank, and it holds no autograd history.
 
-    Under ``torch.distributed`` each new slot is all-reduced (summed) before it is stored,
-    so every rank holds the same bank, built from the global batch.
+    ``update`` is ``commit(slot(...))``: ``slot`` computes and checks a new slot without
+    touching the state, so a call that raises leaves the bank bit-identical. Under
+    ``torch.distributed`` each new slot is all-reduced (summed) before it is stored, so every
+    rank holds the same bank, built from the global batch.
 
     Args:
         num_classes: ``C`` (all datasets' label spaces concatenated).
         dim: embedding size ``D``.
         num_slots: number of batches remembered (>= 1).
-        dtype: storage dtype (float32; float64 for exact tests).
+        ignore_index: label of pixels that are pooled nowhere (default -100; must not be a
+            class, i.e. not in ``[0, C)``).
+        dtype: floating storage dtype (float32; float64 for exact tests).
+        backend: as the functional ops. The bank phases (``bank_slot``,
+            ``bank_prototypes``) of a backend that has no kernel for them (``triton``) run
+            the reference implementation on the same device: small reductions, no matmul.
     """
 
-    def __init__(self, num_classes: int, dim: int, num_slots: int, *, ignore_index: int = 255,
+    def __init__(self, num_classes: int, dim: int, num_slots: int, *, ignore_index: int = -100,
                  dtype: torch.dtype = torch.float32, device=None, backend: str = "auto"):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("dim", dim), ("num_slots", num_slots)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        dispatch.check_backend(backend)
+            V.check_positive_int(value, name)
+        V.check_ignore_index(ignore_index, num_classes)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        dispatch.check_runnable(backend)
         self.num_classes, self.dim, self.num_slots = num_classes, dim, num_slots
         self.ignore_index, self.backend = ignore_index, backend
         self.register_buffer("slot_sums", torch.zeros(num_slots, num_classes, dim, dtype=dtype,
@@ -47,38 +56,65 @@ class PrototypeBank(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64, device=device))
 
     @torch.no_grad()
-    def update(self, key_feats: Tensor, labels: Tensor) -> None:
-        """Pool ``key_feats`` ``(B, D, *spatial)`` by ``labels`` into one slot, evicting the
-        oldest (all-reduced first under ``torch.distributed``)."""
-        if key_feats.dim() < 2 or key_feats.shape[1] != self.dim:
+    def slot(self, key_feats: Tensor, labels: Tensor, *, check_finite: bool = True
+             ) -> tuple[Tensor, Tensor]:
+        """The slot ``(S (C, D), n (C,))`` that ``key_feats`` ``(B, D, *spatial)`` pooled by
+        ``labels`` would store (all-reduced under ``torch.distributed``); the state is not
+        touched. ``check_finite`` refuses NaN/inf key features with ``ValueError``."""
+        if not isinstance(key_feats, Tensor) or key_feats.dim() < 2 or (
+                key_feats.shape[1] != self.dim):
             raise ValueError(f"key_feats must be (B, {self.dim}, *spatial) or (N, {self.dim}), "
-                             f"got {tuple(key_feats.shape)}")
+                             f"got {getattr(key_feats, 'shape', key_feats)!r}")
         if key_feats.device != self.slot_sums.device:
             raise ValueError(f"key_feats is on {key_feats.device} but the bank is on "
                              f"{self.slot_sums.device}; move the bank with .to()")
         sums, counts = class_embedding_sums(key_feats.detach(), labels, self.num_classes,
                                             ignore_index=self.ignore_index, backend=self.backend)
-        name = dispatch.resolve(("bank_slot",), self.backend, sums.device)
-        slot = (reference.bank_slot(sums, counts) if name == "reference"
+        name = dispatch.resolve_phase("bank_slot", self.backend, sums.device)
+        s, n = (reference.bank_slot(sums, counts) if name == "reference"
                 else ops.bank_slot(sums, counts, name))
-        s, n = (x.to(self.slot_sums.dtype) for x in slot)
+        if check_finite:  # the token makes the stored slot depend on the check
+            s = s + checks.check_finite(key_feats.detach(), "key_feats")
+        s, n = s.to(self.slot_sums.dtype), n.to(self.slot_sums.dtype)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(s)
             dist.all_reduce(n)
+        return s, n
+
+    @torch.no_grad()
+    def commit(self, s: Tensor, n: Tensor, *, after: tuple[Tensor, ...] = ()) -> None:
+        """Store a slot from :meth:`slot` in place of the oldest. ``after``: tensors the write
+        must follow (a loss computed from the prospective prototypes), which orders it also
+        inside a compiled graph."""
+        if after:
+            s, n = checks.after(s, list(after)), checks.after(n, list(after))
         index = self.ptr.view(1)
         self.slot_sums.index_copy_(0, index, s.unsqueeze(0))
         self.slot_counts.index_copy_(0, index, n.unsqueeze(0))
         self.ptr.copy_((self.ptr + 1) % self.num_slots)
         self.num_updates.add_(1)
 
+    def update(self, key_feats: Tensor, labels: Tensor, *, check_finite: bool = True) -> None:
+        """Pool ``key_feats`` ``(B, D, *spatial)`` by ``labels`` into one slot, evicting the
+        oldest. Raises (leaving the bank unchanged) on bad input, including NaN/inf key
+        features unless ``check_finite=False``."""
+        self.commit(*self.slot(key_feats, labels, check_finite=check_finite))
+
     @torch.no_grad()
-    def prototypes(self, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    def prototypes(self, normalize: bool = True, *,
+                   pending: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``(P (C, D), valid (C,) bool)``; ``normalize`` L2-normalises each valid row.
-        Invalid rows are 0."""
-        name = dispatch.resolve(("bank_prototypes",), self.backend, self.slot_sums.device)
+        Invalid rows are 0. ``pending``: a slot from :meth:`slot`, counted as if committed
+        (in place of the oldest), without changing the state."""
+        sums, counts = self.slot_sums, self.slot_counts
+        if pending is not None:
+            index = self.ptr.view(1)
+            sums = sums.index_copy(0, index, pending[0].unsqueeze(0))
+            counts = counts.index_copy(0, index, pending[1].unsqueeze(0))
+        name = dispatch.resolve_phase("bank_prototypes", self.backend, sums.device)
         if name == "reference":
-            return reference.bank_prototypes(self.slot_sums, self.slot_counts, normalize)
-        return ops.bank_prototypes(self.slot_sums, self.slot_counts, normalize, name)
+            return reference.bank_prototypes(sums, counts, normalize)
+        return ops.bank_prototypes(sums, counts, normalize, name)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, num_slots={self.num_slots}"

@@ -78,13 +78,24 @@ from typing import Callable
 
 import torch
 
+from .config import config
+
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
-       "pix_fwd", "pix_bwd", "pseudo_label", "bank_slot", "bank_prototypes",
-       "ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs", "con_fwd_basis",
-       "con_bwd_basis")
+# The phases every loss needs: a backend that has them all runs every public op.
+LOSS_OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
+            "pix_fwd", "pix_bwd", "pseudo_label")
+# Bank reductions (O(slots C D), no matmul): a backend without them leaves them to the
+# reference implementation on the same device (``resolve_phase``).
+BANK_OPS = ("bank_slot", "bank_prototypes")
+# Optional pairs a backend may add to save work in the backward (see the contract above).
+OPTIONAL_OPS = ("ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs",
+                "con_fwd_basis", "con_bwd_basis")
+OPS = LOSS_OPS + BANK_OPS + OPTIONAL_OPS
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
+# backend -> policy(op, num_classes, dim) -> "basis" | "probs" | "none": what the forward of
+# loss ``op`` ("ce" or "con") keeps for its backward, tuned per backend.
+_save_policies: dict[str, Callable[[str, int, int], str]] = {}
 # Why a backend cannot run here, filled in by the module that tried to load it.
 _unavailable: dict[str, str] = {}
 
@@ -98,8 +109,34 @@ def register(backend: str, op: str, fn: Callable) -> None:
     _kernels[backend][op] = fn
 
 
+def register_save_policy(backend: str, policy: Callable[[str, int, int], str]) -> None:
+    """Register ``backend``'s choice of what a forward keeps for its backward."""
+    _save_policies[backend] = policy
+
+
+def saved_for_backward(op: str, backend: str, num_classes: int, dim: int, *,
+                       feats_grad: bool, protos_grad: bool) -> str:
+    """What the ``op`` ("ce" or "con") forward on ``backend`` keeps for its backward:
+    ``config.save``, or the backend's policy when it is "auto"; "none" when the backend
+    lacks that pair of kernels or no gradient would use it ("basis" serves the feature
+    gradient only)."""
+    choice = config.save
+    if choice == "auto":
+        choice = _save_policies.get(backend, lambda *_: "none")(op, num_classes, dim)
+    useful = feats_grad if choice == "basis" else (feats_grad or protos_grad)
+    if choice == "none" or not useful or not (has_kernel(f"{op}_fwd_{choice}", backend)
+                                              and has_kernel(f"{op}_bwd_{choice}", backend)):
+        return "none"
+    return choice
+
+
 def mark_unavailable(backend: str, reason: str) -> None:
     _unavailable[backend] = reason
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` failed to load here (not built, not installed, no device), or None."""
+    return _unavailable.get(backend)
 
 
 def check_backend(backend: str) -> None:
@@ -108,13 +145,18 @@ def check_backend(backend: str) -> None:
 
 
 def _device_ok(backend: str, device: torch.device) -> str | None:
-    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    """None if ``backend`` can run on ``device``, else the reason it cannot. Every loaded
+    backend accepts meta tensors (its fake kernels give the output shapes)."""
     if backend in _unavailable:
         return _unavailable[backend]
+    if device.type == "meta":
+        return None
     if backend == "cpu" and device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, got a {device.type} tensor"
     if backend == "cuda" and device.type != "cuda":
         return f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+    if backend == "triton" and device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available"
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return ("the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 to run its "
                 "kernels on CPU tensors through the Triton interpreter)")
@@ -154,6 +196,31 @@ def resolve(ops: tuple[str, ...], backend: str, device: torch.device) -> str:
     return backend
 
 
+def resolve_phase(op: str, backend: str, device: torch.device) -> str:
+    """``resolve((op,), ...)`` for a bank phase, which an explicit backend that lacks it
+    leaves to the reference (documented on ``PrototypeBank``)."""
+    if backend not in ("auto", "reference") and op in BANK_OPS and _device_ok(
+            backend, device) is None and op not in _kernels[backend]:
+        return "reference"
+    return resolve((op,), backend, device)
+
+
+def check_runnable(backend: str) -> None:
+    """Raise ``RuntimeError`` if ``backend`` cannot run on any device of this machine (not
+    built, not installed, no GPU): what module constructors check, before any data."""
+    check_backend(backend)
+    if backend in ("auto", "reference"):
+        return
+    devices = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}[backend]
+    reasons = [_device_ok(backend, torch.device(d)) for d in devices]
+    if all(reasons):
+        raise RuntimeError(f"backend {backend!r} is unavailable: {reasons[0]}")
+    missing = [op for op in LOSS_OPS if op not in _kernels[backend]]
+    if missing:
+        raise RuntimeError(f"backend {backend!r} is unavailable: it has no kernel for "
+                           f"{', '.join(missing)}")
+
+
 def has_kernel(op: str, backend: str) -> bool:
     """Whether the (already resolved) ``backend`` implements the optional phase ``op``."""
     return op in _kernels.get(backend, {})
@@ -165,10 +232,11 @@ def kernel(op: str, backend: str) -> Callable:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run every loss on ``device`` ("reference" always can)."""
+    """Backends that can run every loss on ``device`` ("reference" always can): loaded,
+    able to run there, and with every phase of ``LOSS_OPS``."""
     device = torch.device(device)
     names = ["reference"]
     for name in ("cpu", "cuda", "triton"):
-        if _device_ok(name, device) is None and _kernels[name]:
+        if _device_ok(name, device) is None and all(op in _kernels[name] for op in LOSS_OPS):
             names.append(name)
     return names

@@ -1,7 +1,7 @@
 """Public functional API. Each function validates its inputs, resolves the backend, and runs
 either the plain-PyTorch reference or the ``mdp::`` custom ops (fused kernels).
 
-Conventions (see DESIGN.md section 2): features are ``(B, D, *spatial)`` with labels
+Conventions: features are ``(B, D, *spatial)`` with labels
 ``(B, *spatial)``, or ``(N, D)`` with labels ``(N,)`` (one image). Prototypes are ``(C, D)``
 of the features' dtype. Inputs may be float32, bfloat16, float16 or float64; accumulation is
 float32 or better and losses come back as float32 (float64 for float64 inputs).
@@ -12,18 +12,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import dispatch, ops, reference, validation as V
-from .reference import as_bdp, as_bp
+from . import checks, dispatch, ops, reference, validation as V
+from .layout import as_bdp, as_bp, mix_reduce, reduce, spatial
+
+# What every docstring says once (formatted in below).
+_COMMON = r"""ignore_index: the label of pixels that have no target (default -100, as
+            ``F.cross_entropy``). It must not be a class: a value in ``[0, C)`` raises
+            ``ValueError`` (it would silently drop that class).
+        backend: ``"auto"`` | ``"reference"`` | ``"cpu"`` | ``"cuda"`` | ``"triton"``.
+
+    Autograd: reverse mode on every backend; the fused backends are differentiable once
+    (a double backward raises, naming the op) and raise a clear error under forward-mode
+    AD and ``torch.func`` gradient transforms (``backend="reference"`` supports all of
+    them). ``torch.compile`` / ``torch.export``: every check above also runs inside
+    compiled graphs and exported programs. Meta and fake tensors give shapes only."""
+
+_TAU = r"""a positive number or a 0-d floating tensor; a tensor that requires grad
+            is a learnable temperature (exact gradient on every backend), and a tensor
+            whose value changes is not a recompile under ``torch.compile`` (a Python
+            float is a graph input too, unless dynamo is set to specialise floats)"""
+
+_AUTOCAST = r"""Under ``torch.autocast`` the features and prototypes are cast to the
+    autocast dtype first (float64 stays), as ``F.linear`` does; outside it their dtypes
+    must match."""
 
 __all__ = ["class_embedding_sums", "masked_average_pool", "prototype_contrast_loss",
            "prototype_consistency_loss", "pixel_contrast_loss", "pseudo_label"]
-
-
-def _check_labels_eager(labels: Tensor, num_classes: int, ignore_index: int) -> None:
-    # The fused path checks inside the ``mdp::targets`` op; the reference path checks here
-    # (skipped while compiling, where a data-dependent check would break the graph).
-    if not torch.compiler.is_compiling():
-        V.check_label_values(labels, num_classes, ignore_index)
 
 
 def _bias(class_mask: Tensor | None) -> Tensor | None:
@@ -38,12 +52,64 @@ def _check_num_classes(num_classes) -> None:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
-def _spatial(x: Tensor) -> torch.Size:
-    return x.shape[:1] + x.shape[2:]
+def _shared_doc(fn):
+    """Fill in the docstring parts that several ops share (each written once above)."""
+    fn.__doc__ = (fn.__doc__.replace("@COMMON", _COMMON).replace("@TAU", _TAU)
+                  .replace("@AUTOCAST", _AUTOCAST))
+    return fn
 
 
+def _autocast(*ts: Tensor | None) -> tuple:
+    """Inside ``torch.autocast`` for the tensors' device, floating inputs other than float64
+    in the autocast dtype (what ``F.linear`` does to its operands)."""
+    dev = ts[0].device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return ts
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dt) for t in ts)
+
+
+def _tau_arg(tau) -> Tensor:
+    """The 0-d tensor the custom ops read the temperature from. A Python number becomes a
+    float64 CPU tensor through a multiplication, which dynamo traces as a graph input
+    instead of guarding on the value (``torch.tensor(tau)`` would recompile per value)."""
+    return tau.detach() if isinstance(tau, Tensor) else torch.ones((), dtype=torch.float64) * tau
+
+
+def _carry_tau_grad(tau, prefer: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+    """Route a learnable temperature's gradient around the kernels, which see tau as a value.
+
+    The logits are ``x . y / tau``; multiplying ``x`` by ``tau.detach() / tau`` (exactly
+    1.0, so ``x`` is unchanged bit for bit) makes autograd give ``dL/dtau =
+    -(1/tau) sum x . dL/dx``, the exact gradient. ``x`` is ``prefer`` when it already gets a
+    gradient (no extra kernel work beyond one elementwise pass), else ``other``.
+    """
+    if not (isinstance(tau, Tensor) and tau.requires_grad and torch.is_grad_enabled()):
+        return prefer, other
+    one = tau.detach() / tau
+    if prefer.requires_grad:
+        return prefer * one, other
+    return prefer, other * one
+
+
+def _plus(result: Tensor, tokens: list[Tensor]) -> Tensor:
+    """``result`` made to depend on the check tokens (each a 0-d zero: values unchanged)."""
+    for t in tokens:
+        result = result + t
+    return result
+
+
+def _finite_tokens(check: bool, **tensors: Tensor) -> list[Tensor]:
+    return [checks.check_finite(t.detach(), name) for name, t in tensors.items()] if check else []
+
+
+def _tau_tokens(**taus) -> list[Tensor]:
+    return [checks.check_positive(t, name) for name, t in taus.items() if isinstance(t, Tensor)]
+
+
+@_shared_doc
 def class_embedding_sums(feats: Tensor, labels: Tensor, num_classes: int, *,
-                         ignore_index: int = 255, backend: str = "auto"
+                         ignore_index: int = -100, backend: str = "auto"
                          ) -> tuple[Tensor, Tensor]:
     r"""Per-image sums of the features of each class, in one pass over the features.
 
@@ -53,71 +119,65 @@ def class_embedding_sums(feats: Tensor, labels: Tensor, num_classes: int, *,
         feats: ``(B, D, *spatial)`` or ``(N, D)`` (then ``B = 1``).
         labels: ``(B, *spatial)`` or ``(N,)``, integer; ``ignore_index`` pixels are skipped.
         num_classes: ``C``.
+        @COMMON
 
-    Returns:
+    Shape:
         ``sums`` ``(B, C, D)`` (float32, float64 for float64 input; differentiable w.r.t.
         ``feats``) and ``counts`` ``(B, C)`` int64.
+
+    Examples::
+
+        >>> f, y = torch.randn(2, 8, 4, 4), torch.randint(0, 3, (2, 4, 4))
+        >>> sums, counts = class_embedding_sums(f, y, 3)
+        >>> sums.shape, int(counts.sum())
+        (torch.Size([2, 3, 8]), 32)
     """
     V.check_feats_labels(feats, labels)
     _check_num_classes(num_classes)
+    V.check_ignore_index(ignore_index, num_classes)
     name = dispatch.resolve(("class_sums", "class_sums_bwd"), backend, feats.device)
+    t = checks.targets(labels, None, num_classes, ignore_index)
     if name == "reference":
-        _check_labels_eager(labels, num_classes, ignore_index)
-        return reference.class_embedding_sums(feats, labels, num_classes, ignore_index)
-    t = ops.targets(as_bp(labels), None, num_classes, ignore_index)
-    return ops.class_sums(as_bdp(feats), t, num_classes, name)
+        return reference.class_embedding_sums(feats, t, num_classes, -1)
+    checks.forbid_transforms("class_embedding_sums", name, feats)
+    return ops.class_sums(as_bdp(feats), as_bp(t), num_classes, name)
 
 
 def masked_average_pool(feats: Tensor, labels: Tensor, num_classes: int, *,
-                        ignore_index: int = 255, backend: str = "auto"
+                        ignore_index: int = -100, backend: str = "auto"
                         ) -> tuple[Tensor, Tensor]:
     r"""Per-image class means (paper Eq. 2, first step).
 
     ``means[b, j] = sums[b, j] / counts[b, j]`` where ``counts[b, j] > 0``, else 0.
+    Arguments as :func:`class_embedding_sums`.
 
-    Returns:
+    Shape:
         ``means`` ``(B, C, D)`` (float32, float64 for float64 input; differentiable w.r.t.
         ``feats``) and ``present`` ``(B, C)`` bool (``counts > 0``).
+
+    Examples::
+
+        >>> f, y = torch.randn(2, 8, 4, 4), torch.randint(0, 3, (2, 4, 4))
+        >>> means, present = masked_average_pool(f, y, 3)
+        >>> means.shape, present.shape
+        (torch.Size([2, 3, 8]), torch.Size([2, 3]))
     """
     sums, counts = class_embedding_sums(feats, labels, num_classes, ignore_index=ignore_index,
                                         backend=backend)
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts > 0
 
 
-# Below this many classes the logit recompute costs less than writing and reading the
-# feature-sized basis (measured on the 2-core CPU: C = 64 recompute 72 ms vs basis 79 ms,
-# C = 128 basis 106 ms vs recompute 118 ms, N = 65,536, D = 256).
-BASIS_MIN_CLASSES = 96
+def _saved(op: str, name: str, feats: Tensor, protos: Tensor) -> str:
+    """What the ``op`` forward keeps for its backward (``dispatch.saved_for_backward``)."""
+    grad = torch.is_grad_enabled()
+    return dispatch.saved_for_backward(op, name, protos.shape[0], protos.shape[1],
+                                       feats_grad=grad and feats.requires_grad,
+                                       protos_grad=grad and protos.requires_grad)
 
 
-def _save_basis(name: str, feats: Tensor, num_classes: int, op: str = "ce") -> bool:
-    """Store the gradient basis in the ``op`` ("ce" or "con") forward (``{op}_fwd_basis``)
-    so the feature gradient needs no logit recompute: only when that gradient will be
-    taken and C is large enough for the saved GEMM to pay for the extra feature-sized pass."""
-    return (feats.requires_grad and torch.is_grad_enabled()
-            and num_classes >= BASIS_MIN_CLASSES
-            and dispatch.has_kernel(f"{op}_fwd_basis", name)
-            and dispatch.has_kernel(f"{op}_bwd_basis", name))
-
-
-def _ce_saved(name: str, feats: Tensor, prototypes: Tensor) -> str:
-    """What the CE forward keeps for its backward (``ops.ce_fwd``'s ``save``): the basis E
-    for many classes; for fewer classes than ``BASIS_MIN_CLASSES`` and at most D / 2 (the
-    softmax is then at most half the features' size, so memory stays O(N D)) the softmax
-    S itself, so the backward needs no logit recompute for dF nor dP; else nothing."""
-    c, d = prototypes.shape
-    if not torch.is_grad_enabled() or not (feats.requires_grad or prototypes.requires_grad):
-        return "none"
-    if _save_basis(name, feats, c):
-        return "basis"
-    if (c < BASIS_MIN_CLASSES and 2 * c <= d and dispatch.has_kernel("ce_fwd_probs", name)
-            and dispatch.has_kernel("ce_bwd_probs", name)):
-        return "probs"
-    return "none"
-
-
+@_shared_doc
 def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *,
-                            tau: float = 0.07, ignore_index: int = 255,
+                            tau: float | Tensor = 0.07, ignore_index: int = -100,
                             class_mask: Tensor | None = None, labels_b: Tensor | None = None,
                             lam: float | Tensor | None = None, reduction: str = "mean",
                             check_finite: bool = True, backend: str = "auto") -> Tensor:
@@ -126,14 +186,15 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     With :math:`z_{ik} = f_i \cdot P_k / \tau` over the allowed classes,
     :math:`\ell(i, y) = \log\sum_k e^{z_{ik}} - z_{iy}`, the cross-entropy of pixel ``i``
     against its class prototype. The logsumexp is computed once per pixel, streaming over
-    class tiles (never an ``N x C`` matrix in the fused backends).
+    class tiles (never an ``N x C`` matrix in the fused backends). With ``tau=1`` it is
+    ``F.cross_entropy(f @ P.T, y)``.
 
     Args:
         feats: ``(B, D, *spatial)`` or ``(N, D)`` pixel embeddings (MDP feeds unit-norm ones).
         prototypes: ``(C, D)``, same dtype; gets a gradient when it requires grad.
         labels: ``(B, *spatial)`` or ``(N,)`` integer targets ``a_i`` in ``[0, C)`` or
             ``ignore_index``.
-        tau: temperature.
+        tau: temperature: @TAU.
         class_mask: optional ``(C,)`` bool; False classes take no part in any softmax and a
             pixel whose target is such a class is ignored for that target.
         labels_b, lam: mixing (Eq. 6): second targets ``b_i`` (shape of ``labels``) and
@@ -146,23 +207,43 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
             ``labels`` (an invalid target contributes 0).
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
             read; turn off for speed).
+        @COMMON
 
-    cpu backend, when a gradient will be taken (2 matrix products per forward + feature
-    backward instead of 3): with C >= 96 and ``feats`` requiring grad, the forward keeps
-    the softmax expectation ``E_i = sum_k softmax(z_i)_k P_k / tau``, one feature-sized
-    float32 (float64) buffer alive until the backward, so the feature gradient is an
-    O(N D) pass (prototype gradients still recompute the logit tiles). With C < 96 and
-    ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most half the features' size,
-    what eager autograd keeps too), and neither gradient recomputes logits.
+    @AUTOCAST
 
-    Returns:
-        float32 loss (float64 for float64 inputs).
+    What the forward keeps for the backward is the backend's policy, or
+    ``mdp_kernels.config.save``. The cpu backend, when a gradient will be taken (2 matrix
+    products per forward + feature backward instead of 3): with C >= 96 and ``feats``
+    requiring grad, the forward keeps the softmax expectation ``E_i = sum_k softmax(z_i)_k
+    P_k / tau``, one feature-sized float32 (float64) buffer alive until the backward, so the
+    feature gradient is an O(N D) pass (prototype gradients still recompute the logit
+    tiles). With C < 96 and ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most
+    half the features' size, what eager autograd keeps too), and neither gradient
+    recomputes logits.
+
+    Shape:
+        A 0-d float32 loss (float64 for float64 inputs); ``reduction="none"``: the shape of
+        ``labels``.
+
+    Examples::
+
+        >>> f = F.normalize(torch.randn(2, 16, 8, 8, requires_grad=True), dim=1)
+        >>> P = F.normalize(torch.randn(342, 16), dim=1)
+        >>> y = torch.randint(0, 342, (2, 8, 8)); y[:, :2] = -100
+        >>> loss = prototype_contrast_loss(f, P, y, tau=0.1)
+        >>> loss.backward()
+        >>> mixed = prototype_contrast_loss(f.detach(), P, y, labels_b=y.flip(0),
+        ...                                 lam=torch.tensor([0.3, 0.8]))
     """
+    V.check_float(feats, "feats")
+    V.check_float(prototypes, "prototypes")
+    feats, prototypes = _autocast(feats, prototypes)
     V.check_feats_labels(feats, labels)
     V.check_prototypes(prototypes, feats)
-    V.check_temperature(tau, "tau")
+    tau = V.temperature(tau, "tau")
     V.check_reduction(reduction)
     c = prototypes.shape[0]
+    V.check_ignore_index(ignore_index, c)
     V.check_class_mask(class_mask, c, feats.device)
     if (labels_b is None) != (lam is None):
         raise ValueError("mixing needs both labels_b and lam (or neither)")
@@ -170,31 +251,36 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         V.check_feats_labels(feats, labels_b, lname="labels_b")
         V.check_lam(lam, feats.shape[0] if feats.dim() > 2 else 1, feats.device)
     name = dispatch.resolve(("ce_fwd", "ce_bwd"), backend, feats.device)
+    tokens = _tau_tokens(tau=tau)
+    if isinstance(lam, Tensor):
+        tokens.append(checks.check_range(lam.detach(), "lam", 0.0, 1.0, False, False))
     if name == "reference":
-        _check_labels_eager(labels, c, ignore_index)
-        if labels_b is not None:
-            _check_labels_eager(labels_b, c, ignore_index)
-        if check_finite and not torch.compiler.is_compiling():
-            V.check_finite(feats, "feats")
-            V.check_finite(prototypes, "prototypes")
-        return reference.prototype_contrast_loss(feats, prototypes, labels, tau, ignore_index,
-                                                 class_mask, labels_b, lam, reduction)
-    ta = ops.targets(as_bp(labels), class_mask, c, ignore_index)
-    tb = None if labels_b is None else ops.targets(as_bp(labels_b), class_mask, c, ignore_index)
-    lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), prototypes.contiguous(), ta, tb,
-                                _bias(class_mask), float(tau), name, check_finite,
-                                _ce_saved(name, feats, prototypes))
+        ta = checks.targets(labels, None, c, ignore_index)
+        tb = None if labels_b is None else checks.targets(labels_b, None, c, ignore_index)
+        tokens += _finite_tokens(check_finite, feats=feats, prototypes=prototypes)
+        return _plus(reference.prototype_contrast_loss(feats, prototypes, ta, tau, -1,
+                                                       class_mask, tb, lam, reduction), tokens)
+    checks.forbid_transforms("prototype_contrast_loss", name, feats, prototypes, tau)
+    protos, feats = _carry_tau_grad(tau, prototypes, feats)
+    ta = checks.targets(as_bp(labels), class_mask, c, ignore_index)
+    tb = (None if labels_b is None
+          else checks.targets(as_bp(labels_b), class_mask, c, ignore_index))
+    lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask),
+                                _tau_arg(tau), name, check_finite,
+                                _saved("ce", name, feats, protos))
     va = ta >= 0
     la = torch.where(va, lse - za, 0.0)
     if tb is None:
-        return reference.reduce(la, va.sum(), reduction, labels.shape)
+        return _plus(reduce(la, va.sum(), reduction, labels.shape), tokens)
     vb = tb >= 0
     lb = torch.where(vb, lse - zb, 0.0)
-    return reference.mix_reduce(la, va, lb, vb, lam, reduction, labels.shape)
+    return _plus(mix_reduce(la, va, lb, vb, lam, reduction, labels.shape), tokens)
 
 
+@_shared_doc
 def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Tensor, *,
-                               tau_student: float = 0.07, tau_teacher: float = 0.04,
+                               tau_student: float | Tensor = 0.07,
+                               tau_teacher: float | Tensor = 0.04,
                                mask: Tensor | None = None, class_mask: Tensor | None = None,
                                kind: str = "ce", reduction: str = "mean",
                                check_finite: bool = True, backend: str = "auto") -> Tensor:
@@ -205,31 +291,47 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     ``kind="ce"``: :math:`-\sum_k t_{ik} s_{ik}`; ``kind="kl"``:
     :math:`\mathrm{KL}(t_i \,\|\, \mathrm{softmax}_s) = \mathrm{ce}_i - H(t_i)`.
 
-    The teacher distribution is a constant: no gradient reaches ``teacher``, nor
-    ``prototypes`` through the teacher softmax (the paper's stop-gradient); ``prototypes``
-    that require grad get the student-path gradient.
+    The teacher distribution is a constant: no gradient reaches ``teacher``, ``tau_teacher``,
+    nor ``prototypes`` through the teacher softmax (the paper's stop-gradient);
+    ``prototypes`` that require grad get the student-path gradient.
 
     Args:
         student, teacher: ``(B, D, *spatial)`` or ``(N, D)``, same shape and dtype.
         prototypes: ``(C, D)``.
+        tau_student, tau_teacher: temperatures: @TAU.
         mask: optional bool of the spatial shape selecting contributing pixels (default:
             every pixel, labelled or not). "mean" averages over the selected pixels.
         class_mask: optional ``(C,)`` bool of classes that take part in both softmaxes; if
             no class is allowed the loss is 0.
+        kind: ``"ce"`` or ``"kl"``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        check_finite: raise ``ValueError`` on NaN/inf inputs.
+        @COMMON
 
-    Returns:
-        float32 loss (float64 for float64 inputs); ``"none"`` gives the spatial shape.
+    @AUTOCAST
+
+    Shape:
+        A 0-d float32 loss (float64 for float64 inputs); ``"none"`` gives the spatial shape.
+
+    Examples::
+
+        >>> s = F.normalize(torch.randn(2, 16, 8, 8, requires_grad=True), dim=1)
+        >>> t = F.normalize(torch.randn(2, 16, 8, 8), dim=1)
+        >>> P = F.normalize(torch.randn(19, 16), dim=1)
+        >>> prototype_consistency_loss(s, t, P, kind="kl").backward()
     """
     V.check_float(student, "student")
     V.check_float(teacher, "teacher")
+    V.check_float(prototypes, "prototypes")
+    student, teacher, prototypes = _autocast(student, teacher, prototypes)
     if student.shape != teacher.shape or student.dim() < 2:
         raise ValueError(f"student and teacher must have the same (N, D) or (B, D, *spatial) "
                          f"shape, got {tuple(student.shape)} and {tuple(teacher.shape)}")
     V.check_same_device("student", student, "teacher", teacher)
     V.check_same_dtype("student", student, "teacher", teacher)
     V.check_prototypes(prototypes, student, "student")
-    V.check_temperature(tau_student, "tau_student")
-    V.check_temperature(tau_teacher, "tau_teacher")
+    tau_student = V.temperature(tau_student, "tau_student")
+    tau_teacher = V.temperature(tau_teacher, "tau_teacher")
     V.check_reduction(reduction)
     if kind not in ("ce", "kl"):
         raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
@@ -237,33 +339,40 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor of the spatial shape")
-        if mask.shape != _spatial(student):
-            raise ValueError(f"mask must have shape {tuple(_spatial(student))}, got "
+        if mask.shape != spatial(student):
+            raise ValueError(f"mask must have shape {tuple(spatial(student))}, got "
                              f"{tuple(mask.shape)}")
         V.check_same_device("mask", mask, "student", student)
     name = dispatch.resolve(("con_fwd", "con_bwd"), backend, student.device)
+    tokens = _tau_tokens(tau_student=tau_student, tau_teacher=tau_teacher)
+    if isinstance(tau_teacher, Tensor):
+        tau_teacher = tau_teacher.detach()  # part of the stop-gradient teacher
     if name == "reference":
-        if check_finite and not torch.compiler.is_compiling():
-            for t, n in ((student, "student"), (teacher, "teacher"), (prototypes, "prototypes")):
-                V.check_finite(t, n)
-        return reference.prototype_consistency_loss(student, teacher, prototypes, tau_student,
-                                                    tau_teacher, mask, class_mask, kind,
-                                                    reduction)
+        tokens += _finite_tokens(check_finite, student=student, teacher=teacher,
+                                 prototypes=prototypes)
+        return _plus(reference.prototype_consistency_loss(
+            student, teacher, prototypes, tau_student, tau_teacher, mask, class_mask, kind,
+            reduction), tokens)
+    checks.forbid_transforms("prototype_consistency_loss", name, student, prototypes,
+                             tau_student)
+    protos, student = _carry_tau_grad(tau_student, prototypes, student)
     keep = None if mask is None else as_bp(mask).contiguous()
     if class_mask is not None:
         keep = (torch.ones(as_bp(student[:, 0]).shape, dtype=torch.bool, device=student.device)
                 if keep is None else keep) & class_mask.any()
     ce, ent, _, _, _ = ops.con_fwd(as_bdp(student), as_bdp(teacher.detach()),
-                                   prototypes.contiguous(), _bias(class_mask), keep,
-                                   float(tau_student), float(tau_teacher), name, check_finite,
-                                   _save_basis(name, student, prototypes.shape[0], "con"))
+                                   protos.contiguous(), _bias(class_mask), keep,
+                                   _tau_arg(tau_student), _tau_arg(tau_teacher), name,
+                                   check_finite,
+                                   _saved("con", name, student, protos) == "basis")
     loss = ce if kind == "ce" else ce - ent
     count = loss.new_tensor(loss.numel()) if keep is None else keep.sum()
-    return reference.reduce(loss, count, reduction, _spatial(student))
+    return _plus(reduce(loss, count, reduction, spatial(student)), tokens)
 
 
+@_shared_doc
 def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labels_k: Tensor,
-                        *, tau: float = 0.07, ignore_index: int = 255,
+                        *, tau: float | Tensor = 0.07, ignore_index: int = -100,
                         num_classes: int | None = None, reduction: str = "mean",
                         check_finite: bool = True, backend: str = "auto") -> Tensor:
     r"""Pixel-to-pixel contrastive baseline (paper Eq. 1), per image, query view vs key view.
@@ -279,50 +388,78 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
     The paper averages both directions: call twice with the views swapped.
 
     Args:
-        feats_q, feats_k: ``(B, D, *spatial)`` (spatial sizes may differ) or ``(N, D)``.
+        feats_q, feats_k: ``(B, D, *spatial)`` (spatial sizes may differ), or ``(N, D)`` and
+            ``(M, D)`` (one image; ``M`` may differ from ``N``).
         labels_q, labels_k: matching integer labels.
+        tau: temperature: @TAU.
         num_classes: number of classes, needed by the fused path for the key-view class
             means; ``None`` infers ``max label + 1`` (a host sync: pass it under
-            ``torch.compile``).
+            ``torch.compile``, and for meta tensors, which hold no values).
+        reduction: ``"mean"`` (over contributing query pixels) | ``"sum"`` | ``"none"``.
+        check_finite: raise ``ValueError`` on NaN/inf features.
+        @COMMON
+
+    @AUTOCAST
+
+    Shape:
+        A 0-d float32 loss (float64 for float64 inputs); ``"none"``: the shape of
+        ``labels_q``.
+
+    Examples::
+
+        >>> q = F.normalize(torch.randn(2, 16, 6, 6, requires_grad=True), dim=1)
+        >>> k = F.normalize(torch.randn(2, 16, 5, 5), dim=1)
+        >>> yq, yk = torch.randint(0, 4, (2, 6, 6)), torch.randint(0, 4, (2, 5, 5))
+        >>> pixel_contrast_loss(q, yq, k, yk, num_classes=4).backward()
     """
+    V.check_float(feats_q, "feats_q")
+    V.check_float(feats_k, "feats_k")
+    feats_q, feats_k = _autocast(feats_q, feats_k)
     V.check_feats_labels(feats_q, labels_q, "feats_q", "labels_q")
     V.check_feats_labels(feats_k, labels_k, "feats_k", "labels_k")
     V.check_same_device("feats_q", feats_q, "feats_k", feats_k)
     V.check_same_dtype("feats_q", feats_q, "feats_k", feats_k)
-    if feats_q.dim() != feats_k.dim() or feats_q.shape[:2] != feats_k.shape[:2]:
-        raise ValueError(f"feats_q and feats_k must share batch and channel dims, got "
-                         f"{tuple(feats_q.shape)} and {tuple(feats_k.shape)}")
-    V.check_temperature(tau, "tau")
+    if feats_q.dim() != feats_k.dim() or feats_q.shape[1] != feats_k.shape[1] or (
+            feats_q.dim() > 2 and feats_q.shape[0] != feats_k.shape[0]):
+        raise ValueError(f"feats_q and feats_k must share the channel dim (and the batch dim "
+                         f"for (B, D, *spatial) inputs), got {tuple(feats_q.shape)} and "
+                         f"{tuple(feats_k.shape)}")
+    tau = V.temperature(tau, "tau")
     V.check_reduction(reduction)
+    V.check_ignore_index(ignore_index)
     if num_classes is None:
+        if feats_q.device.type == "meta":
+            raise ValueError("num_classes=None infers the class count from label values, "
+                             "which meta tensors do not hold: pass num_classes")
         seen = torch.cat([labels_q[labels_q != ignore_index].flatten(),
                           labels_k[labels_k != ignore_index].flatten()])
         num_classes = max(int(seen.max()) + 1, 1) if seen.numel() else 1
     _check_num_classes(num_classes)
+    V.check_ignore_index(ignore_index, num_classes)
     name = dispatch.resolve(("pix_fwd", "pix_bwd"), backend, feats_q.device)
+    tokens = _tau_tokens(tau=tau)
+    tq = checks.targets(labels_q, None, num_classes, ignore_index)
+    tk = checks.targets(labels_k, None, num_classes, ignore_index)
     if name == "reference":
-        _check_labels_eager(labels_q, num_classes, ignore_index)
-        _check_labels_eager(labels_k, num_classes, ignore_index)
-        if check_finite and not torch.compiler.is_compiling():
-            V.check_finite(feats_q, "feats_q")
-            V.check_finite(feats_k, "feats_k")
-        return reference.pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau,
-                                             ignore_index, reduction)
-    means, present = masked_average_pool(feats_k, labels_k, num_classes,
-                                         ignore_index=ignore_index, backend=backend)
-    tq = ops.targets(as_bp(labels_q), None, num_classes, ignore_index)
-    tk = ops.targets(as_bp(labels_k), None, num_classes, ignore_index)
+        tokens += _finite_tokens(check_finite, feats_q=feats_q, feats_k=feats_k)
+        return _plus(reference.pixel_contrast_loss(feats_q, tq, feats_k, tk, tau, -1,
+                                                   reduction), tokens)
+    checks.forbid_transforms("pixel_contrast_loss", name, feats_q, feats_k, tau)
+    means, present = masked_average_pool(feats_k, tk, num_classes, ignore_index=-1,
+                                         backend=backend)
+    tq, tk = as_bp(tq), as_bp(tk)
     qvalid = (tq >= 0) & present.gather(1, tq.clamp(min=0))
-    q3 = as_bdp(feats_q)
-    lse = ops.pix_fwd(q3, as_bdp(feats_k), qvalid, tk >= 0, float(tau), name, check_finite)
+    q, k = _carry_tau_grad(tau, feats_q, feats_k)
+    lse = ops.pix_fwd(as_bdp(q), as_bdp(k), qvalid, tk >= 0, _tau_arg(tau), name, check_finite)
     pos_mean = means.gather(1, tq.clamp(min=0).unsqueeze(-1).expand(-1, -1, means.shape[-1]))
-    pos = torch.einsum("bdp,bpd->bp", q3.to(means.dtype), pos_mean) / tau
+    pos = torch.einsum("bdp,bpd->bp", as_bdp(feats_q).to(means.dtype), pos_mean) / tau
     loss = torch.where(qvalid, lse - pos, 0.0)
-    return reference.reduce(loss, qvalid.sum(), reduction, labels_q.shape)
+    return _plus(reduce(loss, qvalid.sum(), reduction, labels_q.shape), tokens)
 
 
+@_shared_doc
 def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
-                 class_mask: Tensor | None = None, ignore_index: int = 255,
+                 class_mask: Tensor | None = None, ignore_index: int = -100,
                  backend: str = "auto") -> tuple[Tensor, Tensor]:
     r"""Pseudo-labels for unlabelled pixels (paper Eq. 10), in one streaming pass.
 
@@ -330,14 +467,35 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
     a softmax probability); ``label_i = argmax_k`` (lowest index on ties) when
     ``score_i >= threshold``, else ``ignore_index``. No gradient.
 
-    Returns:
+    Args:
+        feats: ``(B, D, *spatial)`` or ``(N, D)``.
+        prototypes: ``(C, D)``, same dtype.
+        threshold: a finite real number.
+        class_mask: optional ``(C,)`` bool of the classes that may be chosen.
+        @COMMON
+
+    @AUTOCAST
+
+    Shape:
         ``labels`` int64 and ``scores`` float32, both of the spatial shape
         (``(B, *spatial)``, or ``(N,)`` for ``(N, D)`` input).
+
+    Examples::
+
+        >>> f = F.normalize(torch.randn(2, 16, 8, 8), dim=1)
+        >>> labels, scores = pseudo_label(f, F.normalize(torch.randn(5, 16), dim=1),
+        ...                               threshold=-1.0)  # a cosine is >= -1: all kept
+        >>> labels.shape, bool((labels >= 0).all())
+        (torch.Size([2, 8, 8]), True)
     """
     V.check_float(feats, "feats")
+    V.check_float(prototypes, "prototypes")
+    feats, prototypes = _autocast(feats, prototypes)
     if feats.dim() < 2:
         raise ValueError(f"feats must be (N, D) or (B, D, *spatial), got {tuple(feats.shape)}")
     V.check_prototypes(prototypes, feats)
+    V.check_threshold(threshold)
+    V.check_ignore_index(ignore_index, prototypes.shape[0])
     V.check_class_mask(class_mask, prototypes.shape[0], feats.device)
     name = dispatch.resolve(("pseudo_label",), backend, feats.device)
     if name == "reference":
@@ -345,4 +503,4 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
                                       class_mask, ignore_index)
     labels, scores = ops.pseudo_label(as_bdp(feats.detach()), prototypes.detach().contiguous(),
                                       _bias(class_mask), float(threshold), ignore_index, name)
-    return labels.reshape(_spatial(feats)), scores.reshape(_spatial(feats))
+    return labels.reshape(spatial(feats)), scores.reshape(spatial(feats))

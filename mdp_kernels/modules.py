@@ -1,9 +1,11 @@
-"""``PrototypeContrastLoss``: the drop-in MDP loss module (DESIGN.md section 3.7)."""
+"""``PrototypeContrastLoss``: the drop-in MDP loss module (bank + class loss + consistency)."""
 from __future__ import annotations
+
+import math
 
 from torch import Tensor, nn
 
-from . import dispatch
+from . import dispatch, validation as V
 from .bank import PrototypeBank
 from .functional import prototype_consistency_loss, prototype_contrast_loss
 
@@ -11,36 +13,57 @@ from .functional import prototype_consistency_loss, prototype_contrast_loss
 class PrototypeContrastLoss(nn.Module):
     r"""MDP's pixel-to-prototype loss with its own prototype bank.
 
-    ``forward`` pushes the key features into the bank, reads the (L2-normalised) prototypes
-    and the classes the bank has seen, and returns
+    ``forward`` pools the key features into a new bank slot, reads the (L2-normalised)
+    prototypes and the classes the bank has seen with that slot included, and returns
 
     .. math:: L = L_{class} + \alpha L_{con}
 
     where ``L_class`` is :func:`prototype_contrast_loss` (with mixing when ``labels_b`` and
     ``lam`` are given) over the valid classes and ``L_con`` is
     :func:`prototype_consistency_loss` (only when both ``con_student`` and ``con_teacher``
-    are given). The parts of the last call are in ``last_terms`` (detached).
+    are given). The slot is committed only after the loss is computed: a call that raises
+    (bad shapes, labels, NaN features, ...) leaves the bank bit-identical. The parts of the
+    last call are in ``last_terms`` (detached).
 
     Args:
         num_classes: size of the concatenated label space.
         dim: embedding size.
+        tau, tau_student, tau_teacher: temperatures (positive numbers, or 0-d tensors: an
+            ``nn.Parameter`` makes a learnable temperature).
         bank_images, batch_size: the bank remembers ``max(1, bank_images // batch_size)``
             batches.
-        alpha: weight of the consistency term.
+        alpha: weight of the consistency term (finite, >= 0).
+        ignore_index: label of pixels with no target (default -100; not a class).
+        backend: as the functional ops; checked here, at construction.
+        check_finite: refuse NaN/inf features (query, key and consistency inputs).
+
+    Examples::
+
+        >>> crit = PrototypeContrastLoss(num_classes=342, dim=16, bank_images=64,
+        ...                              batch_size=2)
+        >>> f = F.normalize(torch.randn(2, 16, 8, 8, requires_grad=True), dim=1)
+        >>> y = torch.randint(0, 342, (2, 8, 8))
+        >>> crit(f, y).backward()
+        >>> int(crit.bank.num_updates)
+        1
     """
 
     def __init__(self, num_classes: int, dim: int = 256, *, tau: float = 0.07,
                  bank_images: int = 10240, batch_size: int = 128, alpha: float = 0.2,
                  tau_student: float = 0.07, tau_teacher: float = 0.04,
-                 ignore_index: int = 255, backend: str = "auto", check_finite: bool = True):
+                 ignore_index: int = -100, backend: str = "auto", check_finite: bool = True):
         super().__init__()
-        dispatch.check_backend(backend)
-        if batch_size < 1 or bank_images < 1:
-            raise ValueError("bank_images and batch_size must be positive")
+        V.check_positive_int(bank_images, "bank_images")
+        V.check_positive_int(batch_size, "batch_size")
+        self.tau = V.temperature(tau, "tau")
+        self.tau_student = V.temperature(tau_student, "tau_student")
+        self.tau_teacher = V.temperature(tau_teacher, "tau_teacher")
+        if not V._real(alpha) or not 0 <= alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        dispatch.check_runnable(backend)
         self.bank = PrototypeBank(num_classes, dim, max(1, bank_images // batch_size),
                                   ignore_index=ignore_index, backend=backend)
-        self.tau, self.alpha = tau, alpha
-        self.tau_student, self.tau_teacher = tau_student, tau_teacher
+        self.alpha = float(alpha)
         self.ignore_index, self.backend, self.check_finite = ignore_index, backend, check_finite
         self.last_terms: dict[str, Tensor] = {}
 
@@ -60,14 +83,15 @@ class PrototypeContrastLoss(nn.Module):
         """
         if (con_student is None) != (con_teacher is None):
             raise ValueError("consistency needs both con_student and con_teacher (or neither)")
-        self.bank.update(feats.detach() if key_feats is None else key_feats,
-                         labels if key_labels is None else key_labels)
-        protos, valid = self.bank.prototypes()
-        protos = protos.to(feats.dtype)
+        V.check_float(feats, "feats")
+        slot = self.bank.slot(feats.detach() if key_feats is None else key_feats,
+                              labels if key_labels is None else key_labels,
+                              check_finite=self.check_finite)
+        protos, valid = self.bank.prototypes(pending=slot)
         l_class = prototype_contrast_loss(
-            feats, protos, labels, tau=self.tau, ignore_index=self.ignore_index,
-            class_mask=valid, labels_b=labels_b, lam=lam, check_finite=self.check_finite,
-            backend=self.backend)
+            feats, protos.to(feats.dtype), labels, tau=self.tau,
+            ignore_index=self.ignore_index, class_mask=valid, labels_b=labels_b, lam=lam,
+            check_finite=self.check_finite, backend=self.backend)
         terms = {"class": l_class.detach(), "valid_classes": valid.sum()}
         loss = l_class
         if con_student is not None:
@@ -77,5 +101,6 @@ class PrototypeContrastLoss(nn.Module):
                 class_mask=valid, check_finite=self.check_finite, backend=self.backend)
             terms["con"] = l_con.detach()
             loss = loss + self.alpha * l_con
+        self.bank.commit(*slot, after=(loss.detach(),))
         self.last_terms = terms
         return loss

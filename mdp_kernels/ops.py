@@ -3,9 +3,11 @@
 Each op is a ``custom_op`` whose body runs the kernel that ``dispatch`` resolved (the
 ``backend`` argument is always a concrete kernel backend here), a fake implementation
 that gives output shapes to ``torch.compile``, and, for the differentiable ops, an
-autograd formula that calls the matching backward op. Data-dependent checks (label
-values, finiteness) run inside the op bodies so they also run inside compiled graphs.
-Backward ops are once-differentiable.
+autograd formula that calls the matching backward op. Finiteness checks run inside the op
+bodies so they also run inside compiled graphs (the other value checks are ``checks.py``).
+Temperatures are 0-d tensors, read inside the bodies, so that a new value is not a new
+graph under ``torch.compile``. The losses are differentiable once: a double backward raises
+an error that names the op (``_once``).
 """
 from __future__ import annotations
 
@@ -14,11 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch, validation
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from . import dispatch
+from .checks import finite_or_raise
+from .layout import acc_dtype
 
 
 def _empty_grad(like: Tensor, needed: bool) -> Tensor:
@@ -30,20 +30,25 @@ def _grad(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-# ---------------------------------------------------------------- targets (labels -> -1/class)
-@torch.library.custom_op("mdp::targets", mutates_args=())
-def targets(labels: Tensor, class_mask: Optional[Tensor], num_classes: int,
-            ignore_index: int) -> Tensor:
-    validation.check_label_values(labels, num_classes, ignore_index)
-    t = torch.where(labels == ignore_index, -1, labels.to(torch.int64))
-    if class_mask is not None:
-        t = torch.where(class_mask[t.clamp(min=0)], t, -1)
-    return t.contiguous()
-
-
-@targets.register_fake
-def _(labels, class_mask, num_classes, ignore_index):
-    return torch.empty(labels.shape, dtype=torch.int64, device=labels.device)
+def _once(op: str, backward):
+    """``backward`` whose gradients, under ``create_graph=True``, pass through a node that
+    raises when differentiated again, with a message naming the op (the backward kernels
+    have no derivative of their own)."""
+    def wrapped(ctx, *grads):
+        out = backward(ctx, *grads)
+        live = [i for i, g in enumerate(out) if g is not None and g.requires_grad]
+        if not (torch.is_grad_enabled() and live):
+            return out
+        err = torch._C._functions.DelayedError(
+            f"mdp::{op} is differentiable once: double backward (e.g. a gradient penalty) is "
+            f"not supported by the fused kernels; use backend='reference'", len(live))
+        marked = err(*[out[i] for i in live])
+        marked = (marked,) if isinstance(marked, Tensor) else marked
+        out = list(out)
+        for i, g in zip(live, marked):
+            out[i] = g
+        return tuple(out)
+    return wrapped
 
 
 # ---------------------------------------------------------------- class sums
@@ -81,23 +86,24 @@ def _class_sums_backward(ctx, grad_sums, grad_counts):
     return class_sums_bwd(grad_sums, feats, targets, ctx.backend), None, None, None
 
 
-class_sums.register_autograd(_class_sums_backward, setup_context=_class_sums_setup)
+class_sums.register_autograd(_once("class_sums", _class_sums_backward),
+                             setup_context=_class_sums_setup)
 
 
 # ---------------------------------------------------------------- pixel-to-prototype CE
 @torch.library.custom_op("mdp::ce_fwd", mutates_args=())
 def ce_fwd(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
-           bias: Optional[Tensor], tau: float, backend: str, check_finite: bool,
+           bias: Optional[Tensor], tau: Tensor, backend: str, check_finite: bool,
            save: str = "none") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lse, za, zb, X): what the backward reuses, by ``save``: "basis" X = E from
     ``ce_fwd_basis``, "probs" X = S from ``ce_fwd_probs``, "none" X empty (0,)."""
     if check_finite:
-        validation.check_finite(feats, "feats")
-        validation.check_finite(protos, "prototypes")
+        finite_or_raise(feats, "feats")
+        finite_or_raise(protos, "prototypes")
     if save != "none":
         return tuple(dispatch.kernel(f"ce_fwd_{save}", backend)(feats, protos, ta, tb, bias,
-                                                                 tau))
-    lse, za, zb = dispatch.kernel("ce_fwd", backend)(feats, protos, ta, tb, bias, tau)
+                                                                 float(tau)))
+    lse, za, zb = dispatch.kernel("ce_fwd", backend)(feats, protos, ta, tb, bias, float(tau))
     return lse, za, zb, feats.new_empty((0,), dtype=lse.dtype)
 
 
@@ -114,10 +120,10 @@ def _(feats, protos, ta, tb, bias, tau, backend, check_finite, save="none"):
 
 @torch.library.custom_op("mdp::ce_bwd", mutates_args=())
 def ce_bwd(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], feats: Tensor, protos: Tensor,
-           ta: Tensor, tb: Optional[Tensor], bias: Optional[Tensor], lse: Tensor, tau: float,
+           ta: Tensor, tb: Optional[Tensor], bias: Optional[Tensor], lse: Tensor, tau: Tensor,
            need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
     df, dp = dispatch.kernel("ce_bwd", backend)(
-        g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos)
+        g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, float(tau), need_feats, need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
@@ -130,10 +136,10 @@ def _(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need
 
 @torch.library.custom_op("mdp::ce_bwd_basis", mutates_args=())
 def ce_bwd_basis(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], basis: Tensor,
-                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: float,
+                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: Tensor,
                  backend: str) -> Tensor:
     return dispatch.kernel("ce_bwd_basis", backend)(g_lse, g_za, g_zb, basis, feats, protos,
-                                                    ta, tb, tau)
+                                                    ta, tb, float(tau))
 
 
 @ce_bwd_basis.register_fake
@@ -143,10 +149,11 @@ def _(g_lse, g_za, g_zb, basis, feats, protos, ta, tb, tau, backend):
 
 @torch.library.custom_op("mdp::ce_bwd_probs", mutates_args=())
 def ce_bwd_probs(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], probs: Tensor,
-                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: float,
+                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: Tensor,
                  need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
     df, dp = dispatch.kernel("ce_bwd_probs", backend)(g_lse, g_za, g_zb, probs, feats, protos,
-                                                      ta, tb, tau, need_feats, need_protos)
+                                                      ta, tb, float(tau), need_feats,
+                                                      need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
@@ -158,14 +165,14 @@ def _(g_lse, g_za, g_zb, probs, feats, protos, ta, tb, tau, need_feats, need_pro
 
 def _ce_setup(ctx, inputs, output):
     feats, protos, ta, tb, bias, tau, backend, _, save = inputs
-    ctx.save_for_backward(feats, protos, ta, tb, bias, output[0], output[3])
-    ctx.tau, ctx.backend, ctx.save = tau, backend, save
+    ctx.save_for_backward(feats, protos, ta, tb, bias, tau, output[0], output[3])
+    ctx.backend, ctx.save = backend, save
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)  # else the saved tensor would get a zeros gradient
 
 
 def _ce_backward(ctx, g_lse, g_za, g_zb, _):
-    feats, protos, ta, tb, bias, lse, saved = ctx.saved_tensors
+    feats, protos, ta, tb, bias, tau, lse, saved = ctx.saved_tensors
     need_f, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     g_lse, g_za = (torch.zeros_like(lse) if g is None else _grad(g) for g in (g_lse, g_za))
     if tb is not None:
@@ -173,37 +180,37 @@ def _ce_backward(ctx, g_lse, g_za, g_zb, _):
     else:
         g_zb = None
     if ctx.save == "probs":  # no logit recompute at all
-        df, dp = ce_bwd_probs(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, ctx.tau,
+        df, dp = ce_bwd_probs(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, tau,
                               need_f, need_p, ctx.backend)
         return (df if need_f else None, dp if need_p else None) + (None,) * 7
     basis_f = need_f and ctx.save == "basis"
     df, dp = None, None
     if basis_f:  # no logit recompute for dF; dP (if needed) still recomputes tiles
-        df = ce_bwd_basis(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, ctx.tau,
+        df = ce_bwd_basis(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, tau,
                           ctx.backend)
     if (need_f and not basis_f) or need_p:
-        df_r, dp = ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, ctx.tau,
+        df_r, dp = ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau,
                           need_f and not basis_f, need_p, ctx.backend)
         df = df if basis_f else df_r
     return (df if need_f else None, dp if need_p else None) + (None,) * 7
 
 
-ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+ce_fwd.register_autograd(_once("ce_fwd", _ce_backward), setup_context=_ce_setup)
 
 
 # ---------------------------------------------------------------- consistency CE / KL
 @torch.library.custom_op("mdp::con_fwd", mutates_args=())
 def con_fwd(student: Tensor, teacher: Tensor, protos: Tensor, bias: Optional[Tensor],
-            mask: Optional[Tensor], tau_s: float, tau_t: float, backend: str,
+            mask: Optional[Tensor], tau_s: Tensor, tau_t: Tensor, backend: str,
             check_finite: bool, save_basis: bool = False
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(ce, ent, lse_s, lse_t, G): G from ``con_fwd_basis`` when ``save_basis``, else
     empty (0,)."""
     if check_finite:
-        validation.check_finite(student, "student")
-        validation.check_finite(teacher, "teacher")
-        validation.check_finite(protos, "prototypes")
-    args = (student, teacher, protos, bias, mask, tau_s, tau_t)
+        finite_or_raise(student, "student")
+        finite_or_raise(teacher, "teacher")
+        finite_or_raise(protos, "prototypes")
+    args = (student, teacher, protos, bias, mask, float(tau_s), float(tau_t))
     if save_basis:
         return tuple(dispatch.kernel("con_fwd_basis", backend)(*args))
     ce, ent, lse_s, lse_t = dispatch.kernel("con_fwd", backend)(*args)
@@ -223,10 +230,10 @@ def _(student, teacher, protos, bias, mask, tau_s, tau_t, backend, check_finite,
 @torch.library.custom_op("mdp::con_bwd", mutates_args=())
 def con_bwd(g_ce: Tensor, student: Tensor, teacher: Tensor, protos: Tensor,
             bias: Optional[Tensor], mask: Optional[Tensor], lse_s: Tensor, lse_t: Tensor,
-            tau_s: float, tau_t: float, need_feats: bool, need_protos: bool, backend: str
+            tau_s: Tensor, tau_t: Tensor, need_feats: bool, need_protos: bool, backend: str
             ) -> tuple[Tensor, Tensor]:
     ds, dp = dispatch.kernel("con_bwd", backend)(
-        g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t,
+        g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, float(tau_s), float(tau_t),
         need_feats, need_protos)
     return (ds if need_feats else _empty_grad(student, False),
             dp if need_protos else _empty_grad(protos, False))
@@ -250,14 +257,15 @@ def _(g_ce, basis, student, backend):
 
 def _con_setup(ctx, inputs, output):
     student, teacher, protos, bias, mask, tau_s, tau_t, backend, _, save_basis = inputs
-    ctx.save_for_backward(student, teacher, protos, bias, mask, output[2], output[3], output[4])
-    ctx.taus, ctx.backend, ctx.save_basis = (tau_s, tau_t), backend, save_basis
+    ctx.save_for_backward(student, teacher, protos, bias, mask, tau_s, tau_t, output[2],
+                          output[3], output[4])
+    ctx.backend, ctx.save_basis = backend, save_basis
     ctx.mark_non_differentiable(output[4])
     ctx.set_materialize_grads(False)  # G's grad would be a student-sized zeros tensor
 
 
 def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t, _):
-    student, teacher, protos, bias, mask, lse_s, lse_t, basis = ctx.saved_tensors
+    student, teacher, protos, bias, mask, tau_s, tau_t, lse_s, lse_t, basis = ctx.saved_tensors
     need_s, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     g_ce = torch.zeros_like(lse_s) if g_ce is None else _grad(g_ce)
     basis_s = need_s and ctx.save_basis
@@ -266,22 +274,22 @@ def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t, _):
         ds = con_bwd_basis(g_ce, basis, student, ctx.backend)
     if (need_s and not basis_s) or need_p:
         ds_r, dp = con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t,
-                           *ctx.taus, need_s and not basis_s, need_p, ctx.backend)
+                           tau_s, tau_t, need_s and not basis_s, need_p, ctx.backend)
         ds = ds if basis_s else ds_r
     return (ds if need_s else None, None, dp if need_p else None) + (None,) * 7
 
 
-con_fwd.register_autograd(_con_backward, setup_context=_con_setup)
+con_fwd.register_autograd(_once("con_fwd", _con_backward), setup_context=_con_setup)
 
 
 # ---------------------------------------------------------------- pixel-to-pixel logsumexp
 @torch.library.custom_op("mdp::pix_fwd", mutates_args=())
-def pix_fwd(q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, tau: float, backend: str,
+def pix_fwd(q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, tau: Tensor, backend: str,
             check_finite: bool) -> Tensor:
     if check_finite:
-        validation.check_finite(q, "feats_q")
-        validation.check_finite(k, "feats_k")
-    return dispatch.kernel("pix_fwd", backend)(q, k, qmask, kmask, tau)
+        finite_or_raise(q, "feats_q")
+        finite_or_raise(k, "feats_k")
+    return dispatch.kernel("pix_fwd", backend)(q, k, qmask, kmask, float(tau))
 
 
 @pix_fwd.register_fake
@@ -292,8 +300,8 @@ def _(q, k, qmask, kmask, tau, backend, check_finite):
 
 @torch.library.custom_op("mdp::pix_bwd", mutates_args=())
 def pix_bwd(g_lse: Tensor, q: Tensor, k: Tensor, qmask: Tensor, kmask: Tensor, lse: Tensor,
-            tau: float, need_q: bool, need_k: bool, backend: str) -> tuple[Tensor, Tensor]:
-    dq, dk = dispatch.kernel("pix_bwd", backend)(g_lse, q, k, qmask, kmask, lse, tau,
+            tau: Tensor, need_q: bool, need_k: bool, backend: str) -> tuple[Tensor, Tensor]:
+    dq, dk = dispatch.kernel("pix_bwd", backend)(g_lse, q, k, qmask, kmask, lse, float(tau),
                                                  need_q, need_k)
     return (dq if need_q else _empty_grad(q, False), dk if need_k else _empty_grad(k, False))
 
@@ -305,19 +313,19 @@ def _(g_lse, q, k, qmask, kmask, lse, tau, need_q, need_k, backend):
 
 def _pix_setup(ctx, inputs, output):
     q, k, qmask, kmask, tau, backend, _ = inputs
-    ctx.save_for_backward(q, k, qmask, kmask, output)
-    ctx.tau, ctx.backend = tau, backend
+    ctx.save_for_backward(q, k, qmask, kmask, tau, output)
+    ctx.backend = backend
 
 
 def _pix_backward(ctx, g_lse):
-    q, k, qmask, kmask, lse = ctx.saved_tensors
+    q, k, qmask, kmask, tau, lse = ctx.saved_tensors
     need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dq, dk = pix_bwd(_grad(g_lse), q, k, qmask, kmask, lse, ctx.tau, need_q, need_k,
+    dq, dk = pix_bwd(_grad(g_lse), q, k, qmask, kmask, lse, tau, need_q, need_k,
                      ctx.backend)
     return (dq if need_q else None, dk if need_k else None) + (None,) * 5
 
 
-pix_fwd.register_autograd(_pix_backward, setup_context=_pix_setup)
+pix_fwd.register_autograd(_once("pix_fwd", _pix_backward), setup_context=_pix_setup)
 
 
 # ---------------------------------------------------------------- pseudo-labels, bank

@@ -1,8 +1,9 @@
 """The ``reference`` backend: the math of every op in plain PyTorch.
 
 It materialises the full logit matrices, works in float64, and differentiates by autograd.
-It is the ground truth the fused backends are tested against, not a fast path. Inputs are
-assumed validated by ``mdp_kernels.functional``. Low-precision inputs do their products in
+It is the ground truth the fused backends are tested against, not a fast path, and imports
+nothing of ours: its layouts and reductions are written here, independently of the fused
+path's (``layout.py``). Inputs are assumed validated by ``mdp_kernels.functional``. Low-precision inputs do their products in
 their own dtype and everything after in float32, as an eager low-precision user would.
 """
 from __future__ import annotations
@@ -11,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import acc_dtype
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_bdp(x: Tensor) -> Tensor:
@@ -52,25 +56,28 @@ def reduce(per_pixel: Tensor, count: Tensor, reduction: str, shape) -> Tensor:
     return total if reduction == "sum" else total / count.clamp(min=1)
 
 
-def class_embedding_sums(feats, labels, num_classes, ignore_index=255):
+def class_embedding_sums(feats, labels, num_classes, ignore_index=-100):
+    # Ignored pixels go to an extra class that is dropped: no data-dependent shapes, so the
+    # reference also runs on meta and fake tensors.
     f = _pixels(feats).to(acc_dtype(feats.dtype))
     y = as_bp(labels)
     b, p, d = f.shape
-    valid = y != ignore_index
-    index = (torch.arange(b, device=y.device)[:, None] * num_classes + y.clamp(min=0))[valid]
-    sums = f.new_zeros(b * num_classes, d).index_add(0, index, f[valid])
-    counts = torch.zeros(b * num_classes, dtype=torch.int64, device=y.device).index_add(
+    c1 = num_classes + 1
+    cls = torch.where(y == ignore_index, num_classes, y.clamp(0, num_classes - 1)).long()
+    index = (torch.arange(b, device=y.device)[:, None] * c1 + cls).flatten()
+    sums = f.new_zeros(b * c1, d).index_add(0, index, f.reshape(b * p, d))
+    counts = torch.zeros(b * c1, dtype=torch.int64, device=y.device).index_add(
         0, index, torch.ones_like(index))
-    return sums.view(b, num_classes, d), counts.view(b, num_classes)
+    return sums.view(b, c1, d)[:, :num_classes], counts.view(b, c1)[:, :num_classes]
 
 
-def masked_average_pool(feats, labels, num_classes, ignore_index=255):
+def masked_average_pool(feats, labels, num_classes, ignore_index=-100):
     sums, counts = class_embedding_sums(feats, labels, num_classes, ignore_index)
     present = counts > 0
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), present
 
 
-def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=255,
+def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=-100,
                             class_mask=None, labels_b=None, lam=None, reduction="mean"):
     f = _pixels(feats)
     c = prototypes.shape[0]
@@ -121,7 +128,7 @@ def prototype_consistency_loss(student, teacher, prototypes, tau_student=0.07,
     return reduce(loss, keep.sum(), reduction, student.shape[:1] + student.shape[2:])
 
 
-def pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau=0.07, ignore_index=255,
+def pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau=0.07, ignore_index=-100,
                         reduction="mean"):
     """Eq. 1 written out: the positive term averages q_i . k_j / tau over matching keys."""
     q, k = _pixels(feats_q), _pixels(feats_k)
@@ -139,7 +146,7 @@ def pixel_contrast_loss(feats_q, labels_q, feats_k, labels_k, tau=0.07, ignore_i
 
 
 @torch.no_grad()
-def pseudo_label(feats, prototypes, threshold=0.8, class_mask=None, ignore_index=255):
+def pseudo_label(feats, prototypes, threshold=0.8, class_mask=None, ignore_index=-100):
     s = _logits(_pixels(feats), prototypes, 1.0, class_mask)
     scores, labels = s.max(-1)
     labels = torch.where(scores >= threshold, labels, ignore_index)

@@ -1,6 +1,9 @@
 """Shared test helpers: relative errors against the float64 reference."""
 import torch
 
+# The library's default ignore_index (as F.cross_entropy's): labels of pixels with no target.
+IGNORE = -100
+
 # Low-precision results may be this many times worse than the eager low-precision reference
 # (both measured against float64), plus a small absolute floor.
 LOW_PRECISION_FACTOR = 2.0
@@ -27,7 +30,7 @@ def make_case(b, d, c, hw, *, ignore_frac=0.2, dtype=torch.float32, device="cpu"
     if normalize:
         f, p = unit(f), unit(p)
     y = torch.randint(0, c, (b, h, w), generator=g)
-    y[torch.rand(b, h, w, generator=g) < ignore_frac] = 255
+    y[torch.rand(b, h, w, generator=g) < ignore_frac] = IGNORE
     return f.to(dtype).to(device), p.to(dtype).to(device), y.to(device)
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import mdp_kernels as mk
+from helpers import IGNORE
 from mdp_kernels import PrototypeBank
 
 
@@ -22,8 +23,8 @@ def expected_slot(f, y, c):
 def test_ring_buffer_and_prototypes(backend):
     bank = PrototypeBank(4, 4, 2, dtype=torch.float64, backend=backend)
     assert not bank.prototypes()[1].any()  # classes never seen are invalid
-    b1 = batch([[0, 0, 1, 1, 255, 0], [0, 2, 2, 2, 2, 2]])
-    b2 = batch([[1, 1, 1, 1, 1, 1], [255] * 6])
+    b1 = batch([[0, 0, 1, 1, IGNORE, 0], [0, 2, 2, 2, 2, 2]])
+    b2 = batch([[1, 1, 1, 1, 1, 1], [IGNORE] * 6])
     b3 = batch([[3, 3, 3, 0, 0, 0], [3] * 6])
     bank.update(*b1)
     assert int(bank.ptr) == 1
@@ -51,7 +52,7 @@ def test_ring_buffer_and_prototypes(backend):
 def test_state_dict_round_trips_exactly():
     bank = PrototypeBank(5, 4, 3)
     for _ in range(4):
-        bank.update(*batch([[0, 1, 2, 3, 4, 255]] * 2, dtype=torch.float32))
+        bank.update(*batch([[0, 1, 2, 3, 4, IGNORE]] * 2, dtype=torch.float32))
     other = PrototypeBank(5, 4, 3)
     other.load_state_dict(bank.state_dict())
     for k, v in bank.state_dict().items():

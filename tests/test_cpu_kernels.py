@@ -4,7 +4,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import make_case, rel_err, unit
+from helpers import IGNORE, make_case, rel_err, unit
 
 ALL_OPS = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "pseudo_label",
            "bank_slot", "bank_prototypes", "ce_fwd_basis", "ce_bwd_basis", "con_fwd_basis",
@@ -77,7 +77,7 @@ def test_skipped_pixels_are_exactly_zero():
     ops = torch.ops.mdp_cpu
     f, p, y = make_case(2, 16, 9, (6, 7))
     f3 = f.flatten(2)
-    ta = torch.where(y == 255, -1, y).flatten(1).contiguous()
+    ta = torch.where(y == IGNORE, -1, y).flatten(1).contiguous()
     skip = ta < 0
     assert skip.any() and not skip.all()
     lse, za, zb = ops.ce_fwd(f3, p, ta, None, None, 0.1)
@@ -136,16 +136,16 @@ def test_bank_kernels_match_reference(dtype, normalize):
 
 # ---------------------------------------------------------------- CE saved basis / softmax
 @pytest.fixture(autouse=True)
-def _basis_for_any_c(monkeypatch):
+def _basis_for_any_c():
     """The tests below use small C; take the basis path there unless a test says not to."""
-    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 1)
+    with mk.config.override(save="basis"):
+        yield
 
 
-def ce_grads(f, p, y, yb, cm, need_p, save, monkeypatch):
+def ce_grads(f, p, y, yb, cm, need_p, save):
     """(loss, dF, dP) of a mixed, masked CE with the forward keeping ``save`` ("basis",
     "probs", or "none": the backward recomputes the logits)."""
-    with monkeypatch.context() as m:
-        m.setattr(mk.functional, "_ce_saved", lambda *a: save)
+    with mk.config.override(save=save):
         fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_(need_p)
         loss = mk.prototype_contrast_loss(fr, pr, y, labels_b=yb, lam=0.3, class_mask=cm,
                                           reduction="none", backend="cpu")
@@ -170,10 +170,10 @@ def ce_case(c, dtype=torch.float32, layout="bdhw", ignore_frac=0.2):
 @pytest.mark.parametrize("layout", ["bdhw", "nd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("need_p", [False, True])
-def test_saved_matches_recompute(monkeypatch, save, c, layout, dtype, need_p):
+def test_saved_matches_recompute(save, c, layout, dtype, need_p):
     f, p, y, yb, cm = ce_case(c, dtype, layout)
-    lb, fb, pb = ce_grads(f, p, y, yb, cm, need_p, save, monkeypatch)
-    lr, fr, pr = ce_grads(f, p, y, yb, cm, need_p, "none", monkeypatch)
+    lb, fb, pb = ce_grads(f, p, y, yb, cm, need_p, save)
+    lr, fr, pr = ce_grads(f, p, y, yb, cm, need_p, "none")
     assert torch.equal(lb, lr)
     assert fb.dtype == f.dtype and fb.stride() == f.stride()
     if c == 1:  # one class: softmax = 1, dF is 0 up to rounding on both paths
@@ -186,21 +186,21 @@ def test_saved_matches_recompute(monkeypatch, save, c, layout, dtype, need_p):
         assert rel_err(pb, pr) <= 1e-6, rel_err(pb, pr)
 
 
-def test_probs_all_pixels_kept(monkeypatch):
+def test_probs_all_pixels_kept():
     """No ignored pixel: every chunk writes its softmax straight into S's rows."""
     f, p, y, yb, cm = ce_case(19, ignore_frac=0.0)
     cm[:] = True
-    got = ce_grads(f, p, y, yb, cm, True, "probs", monkeypatch)
-    ref = ce_grads(f, p, y, yb, cm, True, "none", monkeypatch)
+    got = ce_grads(f, p, y, yb, cm, True, "probs")
+    ref = ce_grads(f, p, y, yb, cm, True, "none")
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 
 @pytest.mark.parametrize("save", ["basis", "probs"])
-def test_saved_low_precision(monkeypatch, save):
+def test_saved_low_precision(save):
     f, p, y, yb, cm = ce_case(37, torch.bfloat16)
-    _, fb, _ = ce_grads(f, p, y, yb, cm, False, save, monkeypatch)
-    _, fr, _ = ce_grads(f, p, y, yb, cm, False, "none", monkeypatch)
+    _, fb, _ = ce_grads(f, p, y, yb, cm, False, save)
+    _, fr, _ = ce_grads(f, p, y, yb, cm, False, "none")
     assert fb.dtype == torch.bfloat16 and rel_err(fb, fr) <= 1e-2
 
 
@@ -208,9 +208,9 @@ def test_saved_low_precision(monkeypatch, save):
 @pytest.mark.parametrize("rows", ["1", "7", "64", "1000"])
 def test_saved_chunk_size_invariance(monkeypatch, save, rows):
     f, p, y, yb, cm = ce_case(37)
-    base = ce_grads(f, p, y, yb, cm, True, save, monkeypatch)
+    base = ce_grads(f, p, y, yb, cm, True, save)
     monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-    for a, b in zip(ce_grads(f, p, y, yb, cm, True, save, monkeypatch), base):
+    for a, b in zip(ce_grads(f, p, y, yb, cm, True, save), base):
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 
@@ -226,59 +226,64 @@ def test_saved_only_with_a_gradient(monkeypatch):
         mk.prototype_contrast_loss(fr, pr, y, backend="cpu")
     mk.prototype_contrast_loss(f, p, y, backend="cpu")
     assert not calls
-    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 6)
-    mk.prototype_contrast_loss(f, pr, y, backend="cpu").backward()
+    with mk.config.override(save="auto"):  # the cpu policy: 5 classes, 2 C <= D: probs
+        mk.prototype_contrast_loss(f, pr, y, backend="cpu").backward()
     assert calls == ["ce_fwd_probs"]
-    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 5)
     mk.prototype_contrast_loss(fr, p, y, backend="cpu").backward()
     assert calls == ["ce_fwd_probs", "ce_fwd_basis"]
 
 
-def test_saved_choice(monkeypatch):
-    """basis: C >= BASIS_MIN_CLASSES with a feature gradient; probs: fewer classes and
-    2 C <= D (also for a prototype gradient alone); else nothing."""
-    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 96)
-    choose = mk.functional._ce_saved
-    for c, d, need_f, need_p, expect in ((96, 64, True, False, "basis"),
-                                         (96, 64, False, True, "none"),
-                                         (95, 190, True, False, "probs"),
-                                         (95, 189, True, True, "none"),
-                                         (19, 64, False, True, "probs"),
-                                         (19, 64, False, False, "none")):
-        f, p = torch.randn(3, d).requires_grad_(need_f), torch.randn(c, d).requires_grad_(need_p)
-        assert choose("cpu", f, p) == expect, (c, d, need_f, need_p)
-    f, p = torch.randn(3, 64, requires_grad=True), torch.randn(19, 64)
-    assert choose("triton", f, p) == "none"  # a backend without the optional kernels
+def test_saved_choice():
+    """The cpu policy: basis from 96 classes with a feature gradient; probs: fewer classes
+    and 2 C <= D (also for a prototype gradient alone); else nothing. ``config.save``
+    overrides it where the kernels exist."""
+    choose = mk.dispatch.saved_for_backward
+    with mk.config.override(save="auto"):
+        for c, d, need_f, need_p, expect in ((96, 64, True, False, "basis"),
+                                             (96, 64, False, True, "none"),
+                                             (95, 190, True, False, "probs"),
+                                             (95, 189, True, True, "none"),
+                                             (19, 64, False, True, "probs"),
+                                             (19, 64, False, False, "none")):
+            got = choose("ce", "cpu", c, d, feats_grad=need_f, protos_grad=need_p)
+            assert got == expect, (c, d, need_f, need_p)
+        assert choose("con", "cpu", 95, 190, feats_grad=True, protos_grad=False) == "none"
+        # a backend without the optional kernels
+        assert choose("ce", "triton", 500, 64, feats_grad=True, protos_grad=True) == "none"
+    with mk.config.override(save="probs"):
+        assert choose("ce", "cpu", 500, 64, feats_grad=True, protos_grad=False) == "probs"
+        assert choose("con", "cpu", 500, 64, feats_grad=True, protos_grad=False) == "none"
+    with pytest.raises(ValueError, match="config.save must be one of"):
+        mk.config.save = "all"
 
 
 @pytest.mark.parametrize("save", ["basis", "probs"])
-def test_saved_retain_graph_second_backward(monkeypatch, save):
+def test_saved_retain_graph_second_backward(save):
     """The saved tensor is not overwritten by the backward: a second backward gives the
     same gradients."""
-    monkeypatch.setattr(mk.functional, "_ce_saved", lambda *a: save)
     f, p, y = make_case(2, 16, 9, (6, 7))
     fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_()
-    loss = mk.prototype_contrast_loss(fr, pr, y, backend="cpu")
+    with mk.config.override(save=save):
+        loss = mk.prototype_contrast_loss(fr, pr, y, backend="cpu")
     g1 = torch.autograd.grad(loss, (fr, pr), retain_graph=True)
     g2 = torch.autograd.grad(loss, (fr, pr))
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 @pytest.mark.parametrize("save", ["basis", "probs", "none"])
-def test_saved_gradcheck(monkeypatch, save):
+def test_saved_gradcheck(save):
     f, p, y = make_case(2, 6, 5, (3, 4), dtype=torch.float64)
     yb = torch.randint(0, 5, y.shape)
-    monkeypatch.setattr(mk.functional, "_ce_saved", lambda *a: save)
     fn = lambda f, p: mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.4, backend="cpu")
-    assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(), p.clone().requires_grad_()))
+    with mk.config.override(save=save):
+        assert torch.autograd.gradcheck(fn, (f.clone().requires_grad_(),
+                                             p.clone().requires_grad_()))
 
 
 # ---------------------------------------------------------------- consistency basis path
-def con_grads(s, t, p, mask, cm, kind, need_p, basis, monkeypatch):
+def con_grads(s, t, p, mask, cm, kind, need_p, basis):
     """(loss, dS, dP) of a masked consistency loss; ``basis`` False forces the recompute."""
-    with monkeypatch.context() as m:
-        if not basis:
-            m.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
+    with mk.config.override(save="basis" if basis else "none"):
         sr, pr = s.clone().requires_grad_(), p.clone().requires_grad_(need_p)
         loss = mk.prototype_consistency_loss(sr, t, pr, mask=mask, class_mask=cm, kind=kind,
                                              reduction="none", backend="cpu")
@@ -305,10 +310,10 @@ def con_case(c, dtype=torch.float32, layout="bdhw"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("need_p", [False, True])
 @pytest.mark.parametrize("kind", ["ce", "kl"])
-def test_con_basis_matches_recompute(monkeypatch, c, layout, dtype, need_p, kind):
+def test_con_basis_matches_recompute(c, layout, dtype, need_p, kind):
     s, t, p, mask, cm = con_case(c, dtype, layout)
-    lb, sb, pb = con_grads(s, t, p, mask, cm, kind, need_p, True, monkeypatch)
-    lr, sr, pr = con_grads(s, t, p, mask, cm, kind, need_p, False, monkeypatch)
+    lb, sb, pb = con_grads(s, t, p, mask, cm, kind, need_p, True)
+    lr, sr, pr = con_grads(s, t, p, mask, cm, kind, need_p, False)
     assert torch.equal(lb, lr)
     assert sb.dtype == s.dtype and sb.stride() == s.stride()
     rows = sb if layout == "nd" else sb.movedim(1, -1)  # pixel-major view
@@ -321,28 +326,28 @@ def test_con_basis_matches_recompute(monkeypatch, c, layout, dtype, need_p, kind
         assert torch.equal(pb, pr)
 
 
-def test_con_basis_no_mask_and_all_classes_masked(monkeypatch):
+def test_con_basis_no_mask_and_all_classes_masked():
     s, t, p, _, _ = con_case(37)
     for mask, cm in ((None, None), (None, torch.zeros(37, dtype=torch.bool))):
-        lb, sb, _ = con_grads(s, t, p, mask, cm, "ce", False, True, monkeypatch)
-        lr, sr, _ = con_grads(s, t, p, mask, cm, "ce", False, False, monkeypatch)
+        lb, sb, _ = con_grads(s, t, p, mask, cm, "ce", False, True)
+        lr, sr, _ = con_grads(s, t, p, mask, cm, "ce", False, False)
         assert torch.equal(lb, lr) and rel_err(sb, sr) <= 1e-6
     assert (sb == 0).all()
 
 
-def test_con_basis_low_precision(monkeypatch):
+def test_con_basis_low_precision():
     s, t, p, mask, cm = con_case(37, torch.bfloat16)
-    _, sb, _ = con_grads(s, t, p, mask, cm, "ce", False, True, monkeypatch)
-    _, sr, _ = con_grads(s, t, p, mask, cm, "ce", False, False, monkeypatch)
+    _, sb, _ = con_grads(s, t, p, mask, cm, "ce", False, True)
+    _, sr, _ = con_grads(s, t, p, mask, cm, "ce", False, False)
     assert sb.dtype == torch.bfloat16 and rel_err(sb, sr) <= 1e-2
 
 
 @pytest.mark.parametrize("rows", ["1", "7", "1000"])
 def test_con_basis_chunk_size_invariance(monkeypatch, rows):
     s, t, p, mask, cm = con_case(37)
-    base = con_grads(s, t, p, mask, cm, "kl", False, True, monkeypatch)
+    base = con_grads(s, t, p, mask, cm, "kl", False, True)
     monkeypatch.setenv("MDP_CPU_TILE_ROWS", rows)
-    for a, b in zip(con_grads(s, t, p, mask, cm, "kl", False, True, monkeypatch)[:2], base[:2]):
+    for a, b in zip(con_grads(s, t, p, mask, cm, "kl", False, True)[:2], base[:2]):
         assert rel_err(a, b) <= 1e-6, rel_err(a, b)
 
 
@@ -360,8 +365,8 @@ def test_con_basis_only_when_student_grad_is_taken(monkeypatch):
     assert not calls and pr.grad is not None
     mk.prototype_consistency_loss(sr, t, p, backend="cpu").backward()
     assert len(calls) == 1
-    monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 6)
-    mk.prototype_consistency_loss(sr, t, p, backend="cpu").backward()
+    with mk.config.override(save="auto"):  # the cpu policy: no basis for 5 classes
+        mk.prototype_consistency_loss(sr, t, p, backend="cpu").backward()
     assert len(calls) == 1
 
 
@@ -377,11 +382,10 @@ def test_con_basis_retain_graph_second_backward():
 
 @pytest.mark.parametrize("basis", [True, False])
 @pytest.mark.parametrize("kind", ["ce", "kl"])
-def test_con_basis_gradcheck(monkeypatch, basis, kind):
+def test_con_basis_gradcheck(basis, kind):
     s, p, _ = make_case(2, 6, 5, (3, 4), dtype=torch.float64)
     t = torch.randn_like(s)
     mask = torch.rand(2, 3, 4) > 0.3
-    if not basis:
-        monkeypatch.setattr(mk.functional, "BASIS_MIN_CLASSES", 10**9)
     fn = lambda s: mk.prototype_consistency_loss(s, t, p, mask=mask, kind=kind, backend="cpu")
-    assert torch.autograd.gradcheck(fn, (s.clone().requires_grad_(),))
+    with mk.config.override(save="basis" if basis else "none"):
+        assert torch.autograd.gradcheck(fn, (s.clone().requires_grad_(),))

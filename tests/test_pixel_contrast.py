@@ -4,7 +4,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import check_low_precision, make_case, rel_err
+from helpers import IGNORE, check_low_precision, make_case, rel_err
 
 OPS = ("pix_fwd", "pix_bwd")
 
@@ -29,7 +29,7 @@ def views(b, d, c, hw_q, hw_k, dtype=torch.float32):
 def test_matches_reference(backend, hw_q, hw_k, reduction):
     device = require(backend, OPS)
     q, yq, k, yk = views(2, 24, 6, hw_q, hw_k)
-    yk[1] = torch.where(yk[1] == 3, 255, yk[1])  # class 3 absent from one key view
+    yk[1] = torch.where(yk[1] == 3, IGNORE, yk[1])  # class 3 absent from one key view
     got = run(q.to(device), yq.to(device), k.to(device), yk.to(device), backend,
               num_classes=6, reduction=reduction)
     ref = run(q.double(), yq, k.double(), yk, "reference", reduction=reduction)
@@ -40,7 +40,7 @@ def test_matches_reference(backend, hw_q, hw_k, reduction):
 def test_all_ignored_and_gradcheck(backend):
     device = require(backend, OPS)
     q, yq, k, yk = (x.to(device) for x in views(2, 5, 3, (2, 3), (3, 2), dtype=torch.float64))
-    loss, gq, gk = run(q, yq, k, torch.full_like(yk, 255), backend, num_classes=3)
+    loss, gq, gk = run(q, yq, k, torch.full_like(yk, IGNORE), backend, num_classes=3)
     assert float(loss) == 0.0 and not gq.any() and not gk.any()
     q.requires_grad_()
     k.requires_grad_()

@@ -4,7 +4,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import check_low_precision, make_case, rel_err
+from helpers import IGNORE, check_low_precision, make_case, rel_err
 
 OPS = ("ce_fwd", "ce_bwd")
 TOL = 1e-5
@@ -56,7 +56,7 @@ def test_mixing(backend, per_image, reduction):
     device = require(backend, OPS)
     f, p, y = make_case(3, 16, 23, (5, 6))
     yb = torch.randint(0, 23, y.shape)
-    yb[1, :2] = 255
+    yb[1, :2] = IGNORE
     lam = torch.tensor([0.1, 0.5, 0.9]) if per_image else 0.35
     compare(f, p, y, backend, device, labels_b=yb, lam=lam, reduction=reduction)
 
@@ -72,7 +72,7 @@ def test_flat_and_strided_inputs(backend):
 def test_all_ignored_is_zero_with_zero_grads(backend):
     device = require(backend, OPS)
     f, p, y = make_case(2, 8, 5, (3, 3))
-    y[:] = 255
+    y[:] = IGNORE
     loss, gf, gp = loss_and_grads(f.to(device), p.to(device), y.to(device), backend)
     assert float(loss) == 0.0
     assert not gf.any() and not gp.any()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mdp_kernels import reference as R
-from helpers import make_case
+from helpers import IGNORE, make_case
 
 DT = torch.float64
 
@@ -36,13 +36,13 @@ def test_ce_matches_loops(masked):
         allowed[[1, 4]] = False
     cm = allowed if masked else None
     ff, yy = flat(f, y)
-    per = loop_ce(ff, p, yy, 0.1, 255, allowed)
+    per = loop_ce(ff, p, yy, 0.1, IGNORE, allowed)
     valid = [v for v in per if v is not None]
-    got = R.prototype_contrast_loss(f, p, y, 0.1, 255, cm)
+    got = R.prototype_contrast_loss(f, p, y, 0.1, IGNORE, cm)
     assert abs(float(got) - sum(valid) / len(valid)) < 1e-10
-    got_sum = R.prototype_contrast_loss(f, p, y, 0.1, 255, cm, reduction="sum")
+    got_sum = R.prototype_contrast_loss(f, p, y, 0.1, IGNORE, cm, reduction="sum")
     assert abs(float(got_sum) - sum(valid)) < 1e-9
-    none = R.prototype_contrast_loss(f, p, y, 0.1, 255, cm, reduction="none")
+    none = R.prototype_contrast_loss(f, p, y, 0.1, IGNORE, cm, reduction="none")
     assert none.shape == y.shape
     expect = torch.tensor([0.0 if v is None else v for v in per], dtype=DT)
     torch.testing.assert_close(none.reshape(-1), expect, rtol=1e-10, atol=1e-12)
@@ -51,18 +51,18 @@ def test_ce_matches_loops(masked):
 def test_mixing_per_image_lam_matches_loops():
     f, p, y = make_case(3, 4, 6, (2, 5), dtype=DT)
     yb = torch.randint(0, 6, y.shape)
-    yb[0, 0, :3] = 255
+    yb[0, 0, :3] = IGNORE
     lam = torch.tensor([0.2, 0.7, 1.0], dtype=DT)
     ff, ya = flat(f, y)
     _, yb_ = flat(f, yb)
     allowed = torch.ones(6, dtype=torch.bool)
-    la, lb = loop_ce(ff, p, ya, 0.07, 255, allowed), loop_ce(ff, p, yb_, 0.07, 255, allowed)
+    la, lb = loop_ce(ff, p, ya, 0.07, IGNORE, allowed), loop_ce(ff, p, yb_, 0.07, IGNORE, allowed)
     lam_px = lam.repeat_interleave(10)
     ta = [float(lam_px[i]) * v for i, v in enumerate(la) if v is not None]
     tb = [(1 - float(lam_px[i])) * v for i, v in enumerate(lb) if v is not None]
-    got = R.prototype_contrast_loss(f, p, y, 0.07, 255, None, yb, lam)
+    got = R.prototype_contrast_loss(f, p, y, 0.07, IGNORE, None, yb, lam)
     assert abs(float(got) - (sum(ta) / len(ta) + sum(tb) / len(tb))) < 1e-9
-    none = R.prototype_contrast_loss(f, p, y, 0.07, 255, None, yb, lam, reduction="none")
+    none = R.prototype_contrast_loss(f, p, y, 0.07, IGNORE, None, yb, lam, reduction="none")
     expect = [float(lam_px[i]) * (a or 0.0) + (1 - float(lam_px[i])) * (b or 0.0)
               for i, (a, b) in enumerate(zip(la, lb))]
     torch.testing.assert_close(none.reshape(-1), torch.tensor(expect, dtype=DT))
@@ -73,8 +73,8 @@ def test_scalar_lam_equals_two_cross_entropies():
     yb = torch.randint(0, 5, y.shape)
     logits = torch.einsum("bdhw,cd->bchw", f, p) / 0.07
     ce = torch.nn.functional.cross_entropy
-    expect = 0.3 * ce(logits, y, ignore_index=255) + 0.7 * ce(logits, yb, ignore_index=255)
-    got = R.prototype_contrast_loss(f, p, y, 0.07, 255, None, yb, 0.3)
+    expect = 0.3 * ce(logits, y, ignore_index=IGNORE) + 0.7 * ce(logits, yb, ignore_index=IGNORE)
+    got = R.prototype_contrast_loss(f, p, y, 0.07, IGNORE, None, yb, 0.3)
     torch.testing.assert_close(got, expect)
 
 
@@ -110,12 +110,12 @@ def test_pixel_contrast_matches_loops():
         ya, yb = yq[b].reshape(-1), yk[b].reshape(-1)
         for i in range(qq.shape[0]):
             pos = [j for j in range(kk.shape[0]) if yb[j] == ya[i]]
-            if ya[i] == 255 or not pos:
+            if ya[i] == IGNORE or not pos:
                 continue
-            z = [float(qq[i] @ kk[j]) / 0.07 for j in range(kk.shape[0]) if yb[j] != 255]
+            z = [float(qq[i] @ kk[j]) / 0.07 for j in range(kk.shape[0]) if yb[j] != IGNORE]
             lse = math.log(sum(math.exp(v) for v in z))
             vals.append(lse - sum(float(qq[i] @ kk[j]) / 0.07 for j in pos) / len(pos))
-    got = R.pixel_contrast_loss(q, yq, k, yk, 0.07, 255)
+    got = R.pixel_contrast_loss(q, yq, k, yk, 0.07, IGNORE)
     assert abs(float(got) - sum(vals) / len(vals)) < 1e-10
 
 
@@ -137,8 +137,8 @@ def test_class_sums_and_pool_match_loops():
 def test_pseudo_label_threshold_and_ties():
     p = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=DT)
     f = torch.tensor([[0.9, 0.1], [0.1, 0.5], [0.0, 0.95]], dtype=DT)  # (N, D)
-    labels, scores = R.pseudo_label(f, p, 0.8, None, 255)
-    assert labels.tolist() == [0, 255, 2]  # tie between classes 0 and 1 -> 0
+    labels, scores = R.pseudo_label(f, p, 0.8, None, IGNORE)
+    assert labels.tolist() == [0, IGNORE, 2]  # tie between classes 0 and 1 -> 0
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.5, 0.95]))
 
 
@@ -150,4 +150,4 @@ def test_reference_gradcheck():
     p.requires_grad_()
     lam = torch.tensor([0.25, 0.6], dtype=DT)
     assert torch.autograd.gradcheck(
-        lambda f, p: R.prototype_contrast_loss(f, p, y, 0.5, 255, cm, yb, lam), (f, p))
+        lambda f, p: R.prototype_contrast_loss(f, p, y, 0.5, IGNORE, cm, yb, lam), (f, p))

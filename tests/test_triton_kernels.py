@@ -13,7 +13,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import make_case, rel_err, unit
+from helpers import IGNORE, make_case, rel_err, unit
 
 tk = pytest.importorskip("mdp_kernels.triton")
 from mdp_kernels.triton import _launch  # noqa: E402
@@ -39,7 +39,7 @@ def run_all(f, g, p, y, yb, cm, backend):
     out = grads(mk.prototype_contrast_loss(f, p, y, tau=0.2, labels_b=yb, lam=0.3,
                                            class_mask=cm, backend=backend), f, p)
     out += grads(mk.prototype_consistency_loss(f, g, p, kind="kl", class_mask=cm,
-                                               mask=y != 255, backend=backend), f, p)
+                                               mask=y != IGNORE, backend=backend), f, p)
     out += grads(mk.pixel_contrast_loss(f, y, g.requires_grad_(), yb, num_classes=p.shape[0],
                                         tau=0.3, backend=backend), f, g)
     means, _ = mk.masked_average_pool(f, y, p.shape[0], backend=backend)
@@ -52,7 +52,7 @@ def case(device, c=37, hw=(7, 9)):
     f, p, y = make_case(2, 20, c, hw)
     g = unit(f + 0.3 * torch.randn_like(f))
     yb = torch.randint(0, c, y.shape)
-    yb[0, :3] = 255
+    yb[0, :3] = IGNORE
     cm = torch.rand(c) > 0.25
     return [x.to(device) for x in (f, g, p, y, yb, cm)]
 
@@ -138,8 +138,8 @@ def test_interpreter_uses_one_config():
 def test_skipped_pixels_get_zero_and_are_not_read(device):
     """Pixels without a target are masked out of the loads: NaN features there are unseen."""
     f, p, y = make_case(1, 16, 19, (5, 40))
-    y[:, :, :20] = 255  # the first 100 pixels: several whole blocks without a target
-    f[:, :, y[0] == 255] = float("nan")
+    y[:, :, :20] = IGNORE  # the first 100 pixels: several whole blocks without a target
+    f[:, :, y[0] == IGNORE] = float("nan")
     f, p, y = f.to(device), p.to(device), y.to(device)
     f.requires_grad_()
     with _launch.forced(**SMALL):
