@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+IGNORE = -100  # the ops' default ignore_index
 # fp32 within the kernels' 1e-5 contract; bf16 within a few bf16 roundings of the truth.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -31,7 +32,7 @@ def losses(f, g, p, y, yb, cm, backend):
         "ce": (lambda: mk.prototype_contrast_loss(f, p, y, tau=0.2, labels_b=yb, lam=0.3,
                                                   class_mask=cm, backend=backend), (f, p)),
         "consistency": (lambda: mk.prototype_consistency_loss(
-            f, g, p, class_mask=cm, mask=y != 255, backend=backend), (f, p)),
+            f, g, p, class_mask=cm, mask=y != IGNORE, backend=backend), (f, p)),
         "pixel": (lambda: mk.pixel_contrast_loss(f, y, k, yb, num_classes=p.shape[0], tau=0.3,
                                                  backend=backend), (f, k)),
         "pool": (lambda: mk.masked_average_pool(f, y, p.shape[0],
@@ -60,7 +61,7 @@ def inputs(dtype, device, c=37, d=19, hw=(7, 9)):
     p = torch.nn.functional.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64),
                                       dim=1)
     y = torch.randint(0, c, (2, *hw), generator=gen)
-    y[torch.rand(y.shape, generator=gen) < 0.2] = 255
+    y[torch.rand(y.shape, generator=gen) < 0.2] = IGNORE
     yb = torch.randint(0, c, y.shape, generator=gen)
     cm = torch.rand(c, generator=gen) > 0.25
     return ([x.to(dtype).to(device) for x in (f, g, p)] + [x.to(device) for x in (y, yb, cm)],
