@@ -12,7 +12,8 @@ cannot lower, shared-memory overflow). Use the Triton version of the GPU machine
     echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/tri36/lib/python3.11/site-packages/mdp.pth
     /tmp/tri36/bin/python tests/triton_compile_check.py [-j 2] [--json out.json] [bf16 fp32 ...]
 
-(or ``MDP_TRITON_COMPILE_CHECK=1 pytest tests/test_triton_kernels.py -k sm90``).
+(or ``MDP_TRITON_COMPILE_CHECK=1 pytest tests/test_triton_kernels.py -k sm90``). fp32 is
+compiled with the default tf32x3 products; ``MDP_TRITON_FP32=tf32`` checks the TF32 configs.
 """
 import argparse
 import importlib

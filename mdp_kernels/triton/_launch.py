@@ -53,6 +53,7 @@ if fp32_precision not in FP32_PRECISIONS:
 ROW_BYTES = 1024  # one feature row (BLOCK_D elements) at most
 SMEM_SM90 = 232448  # 227 KB: the opt-in shared memory per block of sm_90
 MAX_REGS = 128  # fp32 accumulator registers per thread a config may need
+SCRATCH = 2048  # shared memory of reductions and layout conversions besides the tiles
 
 _forced: dict = {}
 
@@ -150,7 +151,7 @@ class Kernel:
         stored as a high and a low part. Calibrated against Triton 3.6 for sm_90 (an upper
         bound for every config of tests/triton_compile_check.py)."""
         once, loop, acc = self.tiles(cfg.kwargs, bd)
-        return ((1 + split) * esize * (once + max(2, cfg.num_stages) * loop),
+        return (SCRATCH + (1 + split) * esize * (once + max(2, cfg.num_stages) * loop),
                 acc * acc_size // 4 // (32 * cfg.num_warps))
 
     def fitting(self, bd: int, dtype: torch.dtype, limit: int | None = None) -> list:
