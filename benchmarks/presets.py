@@ -53,4 +53,17 @@ def paper() -> list[Case]:
     return out
 
 
-PRESETS = {"tiny": tiny, "cpu-small": cpu_small, "paper": paper}
+def gpu_check() -> list[Case]:
+    """``make gpu-check`` (about 2 minutes on a GPU): the paper's acceptance rows first, so
+    that a run cut short by its deadline keeps them. CE at N = 401,408, C = 342, D = 256,
+    bf16 (prototypes detached, then with grad), CE at N = 6.4M (where eager may run out of
+    memory), masked pooling (bandwidth), consistency and pseudo-labels at N = 401,408."""
+    bf = dict(dtype="bfloat16")
+    n0 = 401408
+    return [Case(op="ce", n=n0, c=342, **bf), Case(op="ce", n=n0, c=342, grad2=True, **bf),
+            Case(op="ce", n=6422528, c=342, **bf), Case(op="pool", b=128, hw=112, c=342, **bf),
+            Case(op="consistency", n=n0, c=342, **bf),
+            Case(op="pseudo", mode="fwd", n=n0, c=342, **bf)]
+
+
+PRESETS = {"tiny": tiny, "cpu-small": cpu_small, "paper": paper, "gpu-check": gpu_check}

@@ -6,7 +6,9 @@ that registered the op, linear-cross-entropy competitors for the class loss), it
 memory (CUDA: max_memory_allocated delta; CPU: VmHWM growth in a fresh subprocess), the
 floor (bare GEMMs, timed in the same run) and on GPU the minimal bytes moved against a
 measured device copy. Writes ``<preset>-<device>.json``, ``.md`` (ratio table) and
-``.png`` (time and memory against N and C) under ``--out``.
+``.png`` (time and memory against N and C) under ``--out``; ``<device>`` is ``cpu`` or the
+GPU's name (``nvidia-h200``). ``--no-memory`` skips the memory measurement (``mem_bytes``
+null), for smoke runs.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import gc
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -28,7 +31,7 @@ RATIO_BASES = {"eager": "reference", "compile": "compile", "lce": "lce"}
 
 
 def _measure_case(case: Case, impls: list[str], device: torch.device, threads: int,
-                  budget_s: float, bar) -> dict:
+                  budget_s: float, bar, memory: bool = True) -> dict:
     x = cases.make_inputs(case, device)
     row = {"op": case.op, "mode": case.mode, "label": case.label(), "case": case.as_dict(),
            "impls": {}, "skipped": {}, "failed": {}}
@@ -47,11 +50,13 @@ def _measure_case(case: Case, impls: list[str], device: torch.device, threads: i
         try:
             fn = cases.runner(case, impl, x)
             t, reps = measure.median_time(fn, device, budget_s=budget_s)
-            if device.type == "cuda":
-                mem = measure.cuda_peak_extra(fn)
+            if not memory:
+                mem = None
+            elif device.type == "cuda":
+                mem = int(measure.cuda_peak_extra(fn))
             else:
-                mem = measure.cpu_peak_extra(case.as_dict(), impl, threads)
-            row["impls"][impl] = {"time_ms": 1e3 * t, "reps": reps, "mem_bytes": int(mem)}
+                mem = int(measure.cpu_peak_extra(case.as_dict(), impl, threads))
+            row["impls"][impl] = {"time_ms": 1e3 * t, "reps": reps, "mem_bytes": mem}
         except Exception as exc:  # noqa: BLE001  e.g. eager OOM, a competitor's API change:
             # recorded in the results instead of ending a long run
             row["failed"][impl] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -80,7 +85,8 @@ def ratios(row: dict) -> dict:
         q["floor"] = r["time_ms"] / row["floor"]["time_ms"]
         if "bw_time_ms" in row:
             q["bandwidth"] = r["time_ms"] / row["bw_time_ms"]
-        if "reference" in imp and name != "reference" and imp["reference"]["mem_bytes"] > 0:
+        if ("reference" in imp and name != "reference" and r["mem_bytes"] is not None
+                and (imp["reference"]["mem_bytes"] or 0) > 0):
             q["mem"] = r["mem_bytes"] / imp["reference"]["mem_bytes"]
         out[name] = q
     return out
@@ -113,7 +119,8 @@ def markdown(result: dict) -> str:
             cells = [row["op"], row["mode"], row["label"], name, f(r["time_ms"], "{:.3g}"),
                      f(q.get("eager")), f(q.get("compile")), f(q.get("lce")), f(q.get("floor"))]
             cells += [f(q.get("bandwidth"))] if bw else []
-            cells += [f(r["mem_bytes"] / 2**20, "{:.1f}"), f(q.get("mem"))]
+            mb = None if r["mem_bytes"] is None else r["mem_bytes"] / 2**20
+            cells += [f(mb, "{:.1f}"), f(q.get("mem"))]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append(f"| {row['op']} | {row['mode']} | {row['label']} | *floor* | "
                      f"{row['floor']['time_ms']:.3g} | | | | {row['floor']['what']} |"
@@ -166,7 +173,7 @@ def plot(result: dict, path: Path) -> None:
         for name in names:
             pts = [(r["case"][var], r["impls"][name]) for r in rows if name in r["impls"]]
             ax_t.plot([p[0] for p in pts], [p[1]["time_ms"] for p in pts], "o-", label=name)
-            mem = [(x, m["mem_bytes"] / 2**20) for x, m in pts if m["mem_bytes"] > 0]
+            mem = [(x, m["mem_bytes"] / 2**20) for x, m in pts if (m["mem_bytes"] or 0) > 0]
             if mem:
                 ax_m.plot([p[0] for p in mem], [p[1] for p in mem], "o-", label=name)
         ax_t.plot(xs, [r["floor"]["time_ms"] for r in rows], "k--", label="floor")
@@ -184,14 +191,41 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+class _NoBar:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *args):
+        pass
+
+    def set_postfix_str(self, *args):
+        pass
+
+
+def device_slug(dev: torch.device) -> str:
+    """``cpu``, or the GPU's name in lower case with dashes (``nvidia-h200``)."""
+    if dev.type != "cuda":
+        return dev.type
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(dev).lower()).strip("-")
+
+
 def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = None,
-        budget_s: float | None = None, quiet: bool = False) -> dict:
+        budget_s: float | None = None, quiet: bool = False, memory: bool = True) -> dict:
     """Measure every case of ``preset`` and write the JSON/markdown/PNG; returns the JSON."""
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare GPU machine: progress bars are optional
+        tqdm = _NoBar
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
                        else device)
-    if preset == "paper" and dev.type != "cuda":
-        raise SystemExit("the paper preset needs a CUDA device")
+    if preset in ("paper", "gpu-check") and dev.type != "cuda":
+        raise SystemExit(f"the {preset} preset needs a CUDA device")
     threads = measure.cores()
     torch.set_num_threads(threads)
     if compile_ is None:
@@ -203,8 +237,8 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
     bw = measure.copy_bandwidth(dev) if dev.type == "cuda" else None
     results = []
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{preset}-{dev.type}"
-    result = {"schema": SCHEMA, "preset": preset, "device": dev.type,
+    stem = out / f"{preset}-{device_slug(dev)}"
+    result = {"schema": SCHEMA, "preset": preset, "device": dev.type, "stem": stem.name,
               "env": measure.environment(dev), "copy_bandwidth_gbs": bw and bw / 1e9,
               "memory_method": ("cuda max_memory_allocated delta after a warm-up"
                                 if dev.type == "cuda" else
@@ -214,7 +248,7 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
     with tqdm(total=len(case_list) * (len(impls) + 1), desc=f"{preset} on {dev.type}",
               disable=quiet, file=sys.stderr) as bar:
         for case in case_list:
-            row = _measure_case(case, impls, dev, threads, budget_s, bar)
+            row = _measure_case(case, impls, dev, threads, budget_s, bar, memory)
             if bw is not None:
                 row["bytes"] = cases.min_bytes(case)
                 row["bw_time_ms"] = 1e3 * row["bytes"] / bw
@@ -222,10 +256,14 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
             results.append(row)
             # after every case, so that a long run cut short still leaves its figures
             stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+            stem.with_suffix(".md").write_text(markdown(result))
     result["complete"] = True
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
-    plot(result, stem.with_suffix(".png"))
+    try:
+        plot(result, stem.with_suffix(".png"))
+    except ImportError as exc:  # matplotlib absent: the JSON and table are the results
+        print(f"no plot: {exc}", file=sys.stderr)
     return result
 
 
@@ -240,9 +278,11 @@ def main(argv=None) -> None:
                                       "for tiny)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of timed repeats per measurement (default 0.2 tiny, 2 else)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak extra memory (default yes)")
     a = p.parse_args(argv)
-    result = run(a.preset, a.out, a.device, a.compile_, a.budget)
-    stem = a.out / f"{a.preset}-{result['device']}"
+    result = run(a.preset, a.out, a.device, a.compile_, a.budget, memory=a.memory)
+    stem = a.out / result["stem"]
     print(f"wrote {stem}.json, .md, .png")
     if any(not math.isfinite(v) for row in result["results"] for q in row["ratios"].values()
            for v in q.values()):

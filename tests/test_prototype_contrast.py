@@ -78,8 +78,6 @@ def test_all_ignored_is_zero_with_zero_grads(backend):
 
 def test_gradcheck_float64(backend):
     device = require(backend, OPS)
-    if backend == "triton" and device.type == "cuda":
-        pytest.skip("float64 tl.dot is not supported by Triton on GPUs")
     f, p, y = make_case(2, 6, 7, (2, 3), dtype=torch.float64, device=device)
     yb = torch.randint(0, 7, y.shape, device=device)
     cm = torch.tensor([True, True, False, True, True, True, True], device=device)

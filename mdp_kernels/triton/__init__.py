@@ -8,7 +8,8 @@ gradients of ce_bwd / con_bwd to float atomics. The deterministic path is the de
 recomputes the logit tiles a second time (cheap tensor-core work for bf16/fp16), while the
 atomic path issues C x D float adds per pixel block; which is faster on a given GPU and
 shape is not measured yet (no GPU was available when these kernels were written).
-fp32 inputs use IEEE fp32 products (no TF32), as the 1e-5 accuracy contract requires.
+Configs, autotuning, the fp32 precision (tf32x3 by default) and the feature-dim limit:
+``_launch``; ``set_autotune`` and ``set_fp32_precision`` set them at run time.
 """
 from .. import dispatch
 from . import _launch
@@ -33,3 +34,17 @@ def set_deterministic(flag: bool) -> None:
     """True (default): prototype gradients reduced without float atomics, bitwise
     reproducible. False: the pixel-block backward adds them with tl.atomic_add."""
     _launch.deterministic = bool(flag)
+
+
+def set_autotune(flag: bool) -> None:
+    """True (default): autotune over the configs that survive pruning. False: every kernel
+    runs its first config that fits (also ``MDP_TRITON_AUTOTUNE=0``)."""
+    _launch.autotune = bool(flag)
+
+
+def set_fp32_precision(mode: str) -> None:
+    """fp32 ``tl.dot`` precision: "auto" (default: tf32x3, or tf32 when
+    ``torch.backends.cuda.matmul.allow_tf32``), "tf32x3", "tf32" or "ieee"."""
+    if mode not in _launch.FP32_PRECISIONS:
+        raise ValueError(f"mode must be one of {_launch.FP32_PRECISIONS}, got {mode!r}")
+    _launch.fp32_precision = mode

@@ -4,6 +4,10 @@ Feature tensors are strided ``(B, D, P)`` views; a pixel tile is loaded pixels-a
 ``(BLOCK_P, BLOCK_D)``. Offsets are formed in int64 (index ``.to(tl.int64)`` before the
 stride multiply) so that views over more than 2**31 elements address correctly.
 Prototypes are contiguous ``(C, D)``; class bias is float32 ``(C,)`` of 0 / -inf.
+Boolean masks and CE targets come in as int32, for fp64 on Triton 3.6: it derives the fp64
+MMA operand layout from the narrowest type feeding the operand, and an int8 (bool) mask
+there gives a layout its fp64 MMA cannot lower ("fp64 don't support largeK MMA"); masks
+from int64 targets trip its layout-conversion pass.
 """
 import triton
 import triton.language as tl
@@ -15,13 +19,14 @@ _BF16_DOT_IN_FP32 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def mm(a, b):
-    """a @ b with float32 accumulation (float64 for float64 operands) and IEEE float32
-    products (no TF32). bfloat16 operands go through float32 in the interpreter (exact)."""
+def mm(a, b, PREC: tl.constexpr):
+    """a @ b with float32 accumulation (float64 for float64 operands); PREC is the fp32
+    input precision (``_launch.precision``). bfloat16 operands go through float32 in the
+    interpreter (exact)."""
     if _BF16_DOT_IN_FP32 and a.dtype.is_bf16():
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -56,11 +61,11 @@ def load_protos_t(p_ptr, c, C, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS: tl.constexpr):
+def logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
     """z = f @ pt * scale + bias, (BLOCK_P, BLOCK_C) in the accumulator dtype (float32, or
     float64 for float64 inputs); -inf for masked classes and c >= C. The scale (1/tau)
     multiplies the float32 accumulator, never the low-precision inputs."""
-    z = mm(f, pt) * scale
+    z = mm(f, pt, PREC) * scale
     if HAS_BIAS:
         z = z + tl.load(bias_ptr + c, mask=c < C, other=-float("inf"))[None, :]
     else:

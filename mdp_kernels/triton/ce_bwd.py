@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import Kernel, acc_dtype, block_d, chunks
+from ._launch import SMALL, Kernel, acc_dtype, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, mm, store_rows
 
 
@@ -48,7 +48,7 @@ def _rows(ta_ptr, tb_ptr, lse_ptr, gl_ptr, ga_ptr, gb_ptr, row, inb, HAS_TB: tl.
 def _ce_bwd_feats(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_ptr, gb_ptr,
                   df_ptr, dp_ptr, P, C, D, sfb, sfd, sfp, sgb, sgd, sgp, scale,
                   HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_F: tl.constexpr,
-                  ATOMIC: tl.constexpr,
+                  ATOMIC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -63,12 +63,12 @@ def _ce_bwd_feats(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_pt
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
-            z = logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS)
+            z = logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS, PREC)
             dz = _dz(z, c, lse, g_lse, ta, g_za, tb, g_zb, scale, HAS_TB).to(f.dtype)
             if NEED_F:
-                df += mm(dz, tl.trans(pt))
+                df += mm(dz, tl.trans(pt), PREC)
             if ATOMIC:
-                part = mm(tl.trans(dz), f)
+                part = mm(tl.trans(dz), f, PREC)
                 tl.atomic_add(dp_ptr + c.to(tl.int64)[:, None] * D + d[None, :], part,
                               mask=(c < C)[:, None] & (d < D)[None, :])
     if NEED_F:  # zeros for pixels without a target
@@ -78,7 +78,7 @@ def _ce_bwd_feats(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_pt
 @triton.jit
 def _ce_bwd_protos(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_ptr, gb_ptr,
                    part_ptr, P, C, D, sfb, sfd, sfp, scale, chunk, n_chunks,
-                   HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
@@ -94,18 +94,28 @@ def _ce_bwd_protos(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_p
                                                       gb_ptr, row, p < end, HAS_TB)
         if count(valid) > 0:
             f = load_rows(f_ptr, b, p, valid, D, sfb, sfd, sfp, BLOCK_D)
-            z = logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS)
+            z = logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS, PREC)
             dz = _dz(z, c, lse, g_lse, ta, g_za, tb, g_zb, scale, HAS_TB).to(f.dtype)
-            acc += mm(tl.trans(dz), f)
+            acc += mm(tl.trans(dz), f, PREC)
     d = tl.arange(0, BLOCK_D)
     ptrs = part_ptr + split.to(tl.int64) * C * D + c.to(tl.int64)[:, None] * D + d[None, :]
     tl.store(ptrs, acc, mask=(c < C)[:, None] & (d < D)[None, :])
 
 
-_CONFIGS = [dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (64, 128) for bc in (64, 128)]
 _INTERP = dict(BLOCK_P=64, BLOCK_C=64)
-_feats = Kernel(_ce_bwd_feats, _CONFIGS, _INTERP, key=["C", "D"], reset_to_zero=["dp_ptr"])
-_protos = Kernel(_ce_bwd_protos, _CONFIGS, _INTERP, key=["C", "D"])
+# f and dz, one prototype tile per step and its transposed copy; dF and z.
+_feats = Kernel(_ce_bwd_feats, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                    ((64, 32), 8, 2), ((32, 64), 4, 2), ((64, 64), 8, 2), ((128, 32), 8, 2)]
+                    + SMALL),
+                lambda m, bd: (m["BLOCK_P"] * (bd + m["BLOCK_C"]), 2 * bd * m["BLOCK_C"],
+                               m["BLOCK_P"] * (bd + m["BLOCK_C"])),
+                _INTERP, key=["P", "C", "D"], reset_to_zero=["dp_ptr"])
+# the prototype tile and dz^T, one pixel tile per step; dP and z.
+_protos = Kernel(_ce_bwd_protos, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                     ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2), ((32, 16), 4, 2)]),
+                 lambda m, bd: (m["BLOCK_C"] * (bd + m["BLOCK_P"]), m["BLOCK_P"] * bd,
+                                m["BLOCK_C"] * (bd + m["BLOCK_P"])),
+                 _INTERP, key=["P", "C", "D"])
 
 
 def ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos):
@@ -115,15 +125,16 @@ def ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats,
     c = protos.shape[0]
     acc = acc_dtype(feats.dtype)
     protos = protos.contiguous()
-    ta = ta.contiguous()
-    tb_ = ta if tb is None else tb.contiguous()
+    ta = ta.to(torch.int32)
+    tb_ = ta if tb is None else tb.to(torch.int32)
     bias_ = lse if bias is None else bias.contiguous()
     g = [x.contiguous() for x in (g_lse, g_za, g_za if g_zb is None else g_zb)]
     df = torch.empty_like(feats) if need_feats else None
     dp = None
     if need_protos and not _launch.deterministic:
         dp = torch.zeros(c, d, dtype=acc, device=feats.device)
-    flags = dict(HAS_TB=tb is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d(d))
+    flags = dict(HAS_TB=tb is not None, HAS_BIAS=bias is not None,
+                 PREC=precision(feats.dtype), BLOCK_D=block_d(d, feats.dtype))
     if bsz * npx == 0:
         return (df, None if not need_protos else protos.new_zeros(c, d))
     scale = 1.0 / tau

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, acc_dtype, block_d
+from ._launch import FWD_CONFIGS, Kernel, acc_dtype, block_d, precision
 from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 
 
@@ -17,7 +17,8 @@ from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 def _ce_fwd(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, za_ptr, zb_ptr,
             P, C, D, sfb, sfd, sfp, scale,
             HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr,
-            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+            PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+            BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = b.to(tl.int64) * P + p
@@ -36,7 +37,8 @@ def _ce_fwd(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, za_ptr, zb_ptr,
     zb = tl.zeros((BLOCK_P,), acc)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        z = logits(f, load_protos_t(p_ptr, c, C, D, BLOCK_D), c, C, bias_ptr, scale, HAS_BIAS)
+        z = logits(f, load_protos_t(p_ptr, c, C, D, BLOCK_D), c, C, bias_ptr, scale, HAS_BIAS,
+                   PREC)
         m, s = lse_update(m, s, z)
         za += tl.sum(tl.where(c[None, :] == ta[:, None], z, 0.0), 1)
         if HAS_TB:
@@ -47,9 +49,9 @@ def _ce_fwd(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, za_ptr, zb_ptr,
         tl.store(zb_ptr + row, zb, mask=p < P)
 
 
-_kernel = Kernel(_ce_fwd,
-                 configs=[dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (64, 128) for bc in (64, 128)],
-                 interp=dict(BLOCK_P=64, BLOCK_C=64), key=["C", "D"])
+_kernel = Kernel(_ce_fwd, FWD_CONFIGS, lambda m, bd: (m["BLOCK_P"] * bd, bd * m["BLOCK_C"],
+                                                      m["BLOCK_P"] * m["BLOCK_C"]),
+                 interp=dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])
 
 
 def ce_fwd(feats, protos, ta, tb, bias, tau):
@@ -61,10 +63,11 @@ def ce_fwd(feats, protos, ta, tb, bias, tau):
            for _ in range(3)]
     if bsz * npx == 0:
         return tuple(out)
-    ta = ta.contiguous()
-    tb_ = ta if tb is None else tb.contiguous()
+    ta = ta.to(torch.int32)
+    tb_ = ta if tb is None else tb.to(torch.int32)
     bias_ = out[0] if bias is None else bias.contiguous()
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         feats, protos.contiguous(), ta, tb_, bias_, *out, npx, c, d, *feats.stride(), 1.0 / tau,
-        HAS_TB=tb is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d(d))
+        HAS_TB=tb is not None, HAS_BIAS=bias is not None, PREC=precision(feats.dtype),
+        BLOCK_D=block_d(d, feats.dtype))
     return tuple(out)

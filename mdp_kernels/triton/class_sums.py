@@ -11,12 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, acc_dtype, block_d, chunks
+from ._launch import Kernel, acc_dtype, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_rows, mm, store_rows
 
 
 @triton.jit
 def _class_sums(f_ptr, t_ptr, sums_ptr, counts_ptr, P, C, D, sfb, sfd, sfp, chunk, n_chunks,
+                PREC: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c0 = tl.program_id(0) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
@@ -33,7 +34,7 @@ def _class_sums(f_ptr, t_ptr, sums_ptr, counts_ptr, P, C, D, sfb, sfd, sfp, chun
         mine = (t >= c0) & (t < c0 + BLOCK_C)
         if count(mine) > 0:
             f = load_rows(f_ptr, b, p, mine, D, sfb, sfd, sfp, BLOCK_D)
-            acc += mm(tl.trans(tl.where(hit, 1.0, 0.0).to(f.dtype)), f)
+            acc += mm(tl.trans(tl.where(hit, 1.0, 0.0).to(f.dtype)), f, PREC)
             n += tl.sum(hit.to(tl.int32), 0)
     d = tl.arange(0, BLOCK_D)
     cmask = c < C
@@ -55,11 +56,18 @@ def _class_sums_bwd(g_ptr, t_ptr, df_ptr, P, C, D, sdb, sdd, sdp,
     store_rows(df_ptr, g, b, p, p < P, D, sdb, sdd, sdp, BLOCK_D)
 
 
-_fwd = Kernel(_class_sums,
-              [dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (64, 128) for bc in (16, 32, 64)],
-              dict(BLOCK_P=64, BLOCK_C=64), key=["C", "D"])
-_bwd = Kernel(_class_sums_bwd, [dict(BLOCK_P=bp) for bp in (32, 64, 128)], dict(BLOCK_P=64),
-              key=["D"])
+# the one-hot tile, one feature tile per step; the class-sum accumulator.
+_fwd = Kernel(_class_sums, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                  ((32, 32), 8, 2), ((64, 32), 8, 2), ((64, 64), 8, 2), ((32, 16), 4, 2)]),
+              lambda m, bd: (m["BLOCK_C"] * m["BLOCK_P"], m["BLOCK_P"] * bd,
+                             m["BLOCK_C"] * bd),
+              dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])
+# a gather: the rows in registers, loaded and again in the store layout (converted through
+# shared memory).
+_bwd = Kernel(_class_sums_bwd, [(dict(BLOCK_P=bp), w, 2) for bp, w in ((32, 4), (64, 8),
+                                                                        (16, 4))],
+              lambda m, bd: (m["BLOCK_P"] * bd, 0, 2 * m["BLOCK_P"] * bd), dict(BLOCK_P=64),
+              key=["P", "D"])
 
 
 def class_sums(feats, targets, num_classes):
@@ -75,7 +83,7 @@ def class_sums(feats, targets, num_classes):
     counts = torch.empty(bsz, n, num_classes, dtype=torch.int32, device=feats.device)
     _fwd[lambda m: (triton.cdiv(num_classes, m["BLOCK_C"]), bsz * n)](
         feats, targets.contiguous(), sums, counts, npx, num_classes, d, *feats.stride(),
-        triton.cdiv(npx, n), n, BLOCK_D=block_d(d))
+        triton.cdiv(npx, n), n, PREC=precision(feats.dtype), BLOCK_D=block_d(d, feats.dtype))
     return sums.sum(1), counts.sum(1, dtype=torch.int64)
 
 
@@ -87,5 +95,5 @@ def class_sums_bwd(grad_sums, feats, targets):
         return df
     _bwd[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         grad_sums.contiguous(), targets.contiguous(), df, npx, grad_sums.shape[1], d,
-        *df.stride(), BLOCK_D=block_d(d))
+        *df.stride(), BLOCK_D=block_d(d, feats.dtype))
     return df

@@ -9,14 +9,15 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._launch import Kernel, acc_dtype, block_d, chunks
+from ._launch import SMALL, Kernel, acc_dtype, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, mm, store_rows
 
 
 @triton.jit
-def _dz(fs, ft, pt, c, C, bias_ptr, lse_s, lse_t, g, scale_s, scale_t, HAS_BIAS: tl.constexpr):
-    zs = logits(fs, pt, c, C, bias_ptr, scale_s, HAS_BIAS)
-    zt = logits(ft, pt, c, C, bias_ptr, scale_t, HAS_BIAS)
+def _dz(fs, ft, pt, c, C, bias_ptr, lse_s, lse_t, g, scale_s, scale_t, HAS_BIAS: tl.constexpr,
+        PREC: tl.constexpr):
+    zs = logits(fs, pt, c, C, bias_ptr, scale_s, HAS_BIAS, PREC)
+    zt = logits(ft, pt, c, C, bias_ptr, scale_t, HAS_BIAS, PREC)
     dz = g[:, None] * (tl.exp(zs - lse_s[:, None]) - tl.exp(zt - lse_t[:, None]))
     return dz * scale_s
 
@@ -36,7 +37,7 @@ def _rows(mask_ptr, lss_ptr, lst_ptr, g_ptr, row, inb, HAS_MASK: tl.constexpr):
 def _con_bwd_feats(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_ptr,
                    ds_ptr, dp_ptr, P, C, D, ssb, ssd, ssp, stb, std, stp, sgb, sgd, sgp,
                    scale_s, scale_t, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                   NEED_F: tl.constexpr, ATOMIC: tl.constexpr,
+                   NEED_F: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -52,11 +53,11 @@ def _con_bwd_feats(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_
             c = c0 + tl.arange(0, BLOCK_C)
             pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
             dz = _dz(fs, ft, pt, c, C, bias_ptr, lse_s, lse_t, g, scale_s, scale_t,
-                     HAS_BIAS).to(fs.dtype)
+                     HAS_BIAS, PREC).to(fs.dtype)
             if NEED_F:
-                ds += mm(dz, tl.trans(pt))
+                ds += mm(dz, tl.trans(pt), PREC)
             if ATOMIC:
-                part = mm(tl.trans(dz), fs)
+                part = mm(tl.trans(dz), fs, PREC)
                 tl.atomic_add(dp_ptr + c.to(tl.int64)[:, None] * D + d[None, :], part,
                               mask=(c < C)[:, None] & (d < D)[None, :])
     if NEED_F:
@@ -67,6 +68,7 @@ def _con_bwd_feats(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_
 def _con_bwd_protos(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_ptr,
                     part_ptr, P, C, D, ssb, ssd, ssp, stb, std, stp, scale_s, scale_t,
                     chunk, n_chunks, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                    PREC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
@@ -84,17 +86,26 @@ def _con_bwd_protos(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g
             fs = load_rows(s_ptr, b, p, valid, D, ssb, ssd, ssp, BLOCK_D)
             ft = load_rows(t_ptr, b, p, valid, D, stb, std, stp, BLOCK_D)
             dz = _dz(fs, ft, pt, c, C, bias_ptr, lse_s, lse_t, g, scale_s, scale_t,
-                     HAS_BIAS).to(fs.dtype)
-            acc += mm(tl.trans(dz), fs)
+                     HAS_BIAS, PREC).to(fs.dtype)
+            acc += mm(tl.trans(dz), fs, PREC)
     d = tl.arange(0, BLOCK_D)
     ptrs = part_ptr + split.to(tl.int64) * C * D + c.to(tl.int64)[:, None] * D + d[None, :]
     tl.store(ptrs, acc, mask=(c < C)[:, None] & (d < D)[None, :])
 
 
-_CONFIGS = [dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (32, 64, 128) for bc in (64, 128)]
 _INTERP = dict(BLOCK_P=64, BLOCK_C=64)
-_feats = Kernel(_con_bwd_feats, _CONFIGS, _INTERP, key=["C", "D"], reset_to_zero=["dp_ptr"])
-_protos = Kernel(_con_bwd_protos, _CONFIGS, _INTERP, key=["C", "D"])
+# as the CE backward, with a teacher tile and teacher logits besides the student's.
+_feats = Kernel(_con_bwd_feats, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                    ((64, 32), 8, 2), ((64, 64), 8, 1), ((32, 64), 4, 2)] + SMALL
+                    + [((16, 16), 4, 2)]),
+                lambda m, bd: (m["BLOCK_P"] * (2 * bd + m["BLOCK_C"]), 2 * bd * m["BLOCK_C"],
+                               m["BLOCK_P"] * (bd + 2 * m["BLOCK_C"])),
+                _INTERP, key=["P", "C", "D"], reset_to_zero=["dp_ptr"])
+_protos = Kernel(_con_bwd_protos, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                     ((32, 32), 8, 2), ((16, 32), 4, 1), ((64, 32), 8, 2), ((32, 16), 4, 2)]),
+                 lambda m, bd: (m["BLOCK_C"] * (bd + m["BLOCK_P"]), 2 * m["BLOCK_P"] * bd,
+                                m["BLOCK_C"] * (bd + 2 * m["BLOCK_P"])),
+                 _INTERP, key=["P", "C", "D"])
 
 
 def con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t,
@@ -111,11 +122,12 @@ def con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau
     dp = None
     if need_protos and not _launch.deterministic:
         dp = torch.zeros(c, d, dtype=acc, device=student.device)
-    mask_ = lse_s if mask is None else mask.contiguous()
+    mask_ = lse_s if mask is None else mask.to(torch.int32)
     bias_ = lse_s if bias is None else bias.contiguous()
     common = (student, teacher, protos, bias_, mask_, lse_s.contiguous(), lse_t.contiguous(),
               g_ce.contiguous())
-    flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, BLOCK_D=block_d(d))
+    flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                 PREC=precision(student.dtype), BLOCK_D=block_d(d, student.dtype))
     scales = (1.0 / tau_s, 1.0 / tau_t)
     if need_feats or dp is not None:
         out = ds if need_feats else student

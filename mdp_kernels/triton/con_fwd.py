@@ -10,14 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, acc_dtype, block_d
+from ._launch import SMALL, Kernel, acc_dtype, block_d, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 
 
 @triton.jit
 def _con_fwd(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, ce_ptr, ent_ptr, lss_ptr, lst_ptr,
              P, C, D, ssb, ssd, ssp, stb, std, stp, scale_s, scale_t,
-             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -39,8 +39,8 @@ def _con_fwd(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, ce_ptr, ent_ptr, lss_ptr, 
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
-        zs = logits(fs, pt, c, C, bias_ptr, scale_s, HAS_BIAS)
-        zt = logits(ft, pt, c, C, bias_ptr, scale_t, HAS_BIAS)
+        zs = logits(fs, pt, c, C, bias_ptr, scale_s, HAS_BIAS, PREC)
+        zt = logits(ft, pt, c, C, bias_ptr, scale_t, HAS_BIAS, PREC)
         m_s, s_s = lse_update(m_s, s_s, zs)
         m_new = tl.maximum(m_t, tl.max(zt, 1))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -59,9 +59,12 @@ def _con_fwd(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, ce_ptr, ent_ptr, lss_ptr, 
     tl.store(lst_ptr + row, tl.where(valid, lse_t, 0.0), mask=p < P)
 
 
-_kernel = Kernel(_con_fwd,
-                 configs=[dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (32, 64, 128) for bc in (64, 128)],
-                 interp=dict(BLOCK_P=64, BLOCK_C=64), key=["C", "D"])
+# student and teacher tiles, one prototype tile per step; both logit tiles.
+_kernel = Kernel(_con_fwd, grid_configs(("BLOCK_P", "BLOCK_C"), [
+                     ((64, 32), 8, 2), ((32, 64), 4, 2), ((64, 64), 8, 2)] + SMALL),
+                 lambda m, bd: (2 * m["BLOCK_P"] * bd, bd * m["BLOCK_C"],
+                                2 * m["BLOCK_P"] * m["BLOCK_C"]),
+                 interp=dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])
 
 
 def con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t):
@@ -73,10 +76,11 @@ def con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t):
            for _ in range(4)]
     if bsz * npx == 0:
         return tuple(out)
-    mask_ = out[0] if mask is None else mask.contiguous()
+    mask_ = out[0] if mask is None else mask.to(torch.int32)
     bias_ = out[0] if bias is None else bias.contiguous()
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         student, teacher, protos.contiguous(), bias_, mask_, *out, npx, c, d, *student.stride(),
         *teacher.stride(), 1.0 / tau_s, 1.0 / tau_t, HAS_BIAS=bias is not None,
-        HAS_MASK=mask is not None, BLOCK_D=block_d(d))
+        HAS_MASK=mask is not None, PREC=precision(student.dtype),
+        BLOCK_D=block_d(d, student.dtype))
     return tuple(out)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, acc_dtype, block_d
+from ._launch import SMALL, Kernel, acc_dtype, block_d, grid_configs, precision
 from ._tiles import count, load_rows, lse_update, mm
 
 
@@ -23,7 +23,8 @@ def load_cols(x_ptr, b, j, jmask, D, sb, sd, sp, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _pix_fwd(q_ptr, k_ptr, qm_ptr, km_ptr, lse_ptr, P, PK, D, sqb, sqd, sqp, skb, skd, skp,
-             scale, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+             scale, PREC: tl.constexpr,
+             BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
     i = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row = b.to(tl.int64) * P + i
@@ -38,14 +39,17 @@ def _pix_fwd(q_ptr, k_ptr, qm_ptr, km_ptr, lse_ptr, P, PK, D, sqb, sqd, sqp, skb
         j = j0 + tl.arange(0, BLOCK_K)
         kv = tl.load(km_ptr + b.to(tl.int64) * PK + j, mask=j < PK, other=0) != 0
         kt = load_cols(k_ptr, b, j, kv, D, skb, skd, skp, BLOCK_D)
-        z = mm(q, kt) * scale
+        z = mm(q, kt, PREC) * scale
         m, s = lse_update(m, s, tl.where(kv[None, :], z, -float("inf")))
     tl.store(lse_ptr + row, tl.where(qv & (s > 0), m + tl.log(s), 0.0), mask=i < P)
 
 
-_kernel = Kernel(_pix_fwd,
-                 configs=[dict(BLOCK_Q=bq, BLOCK_K=bk) for bq in (64, 128) for bk in (32, 64, 128)],
-                 interp=dict(BLOCK_Q=64, BLOCK_K=64), key=["PK", "D"])
+# the query tile, one key tile per step; the score tile.
+_kernel = Kernel(_pix_fwd, grid_configs(("BLOCK_Q", "BLOCK_K"), [
+                     ((128, 64), 8, 2), ((64, 64), 4, 2), ((128, 128), 8, 2), ((64, 16), 4, 2)]
+                 + SMALL),
+                 lambda m, bd: (m["BLOCK_Q"] * bd, bd * m["BLOCK_K"], m["BLOCK_Q"] * m["BLOCK_K"]),
+                 interp=dict(BLOCK_Q=64, BLOCK_K=64), key=["P", "PK", "D"])
 
 
 def pix_fwd(q, k, qmask, kmask, tau):
@@ -57,6 +61,6 @@ def pix_fwd(q, k, qmask, kmask, tau):
     if bsz * npx * npk == 0:
         return lse
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_Q"]), bsz)](
-        q, k, qmask.contiguous(), kmask.contiguous(), lse, npx, npk, d, *q.stride(),
-        *k.stride(), 1.0 / tau, BLOCK_D=block_d(d))
+        q, k, qmask.to(torch.int32), kmask.to(torch.int32), lse, npx, npk, d, *q.stride(),
+        *k.stride(), 1.0 / tau, PREC=precision(q.dtype), BLOCK_D=block_d(d, q.dtype))
     return lse

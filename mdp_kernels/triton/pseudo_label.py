@@ -7,14 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, block_d
+from ._launch import FWD_CONFIGS, Kernel, block_d, precision
 from ._tiles import load_protos_t, load_rows, logits
 
 
 @triton.jit
 def _pseudo_label(f_ptr, p_ptr, bias_ptr, lab_ptr, score_ptr, P, C, D, sfb, sfd, sfp,
                   threshold, ignore_index, ACC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BLOCK_P: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_P: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -24,7 +24,8 @@ def _pseudo_label(f_ptr, p_ptr, bias_ptr, lab_ptr, score_ptr, P, C, D, sfb, sfd,
     arg = tl.zeros((BLOCK_P,), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        z = logits(f, load_protos_t(p_ptr, c, C, D, BLOCK_D), c, C, bias_ptr, 1.0, HAS_BIAS)
+        z = logits(f, load_protos_t(p_ptr, c, C, D, BLOCK_D), c, C, bias_ptr, 1.0, HAS_BIAS,
+                   PREC)
         top = tl.max(z, 1)
         first = tl.min(tl.where(z == top[:, None], c[None, :], C), 1)
         better = top > best
@@ -35,9 +36,9 @@ def _pseudo_label(f_ptr, p_ptr, bias_ptr, lab_ptr, score_ptr, P, C, D, sfb, sfd,
     tl.store(score_ptr + row, best.to(tl.float32), mask=p < P)
 
 
-_kernel = Kernel(_pseudo_label,
-                 [dict(BLOCK_P=bp, BLOCK_C=bc) for bp in (64, 128) for bc in (64, 128)],
-                 dict(BLOCK_P=64, BLOCK_C=64), key=["C", "D"])
+_kernel = Kernel(_pseudo_label, FWD_CONFIGS,
+                 lambda m, bd: (m["BLOCK_P"] * bd, bd * m["BLOCK_C"], m["BLOCK_P"] * m["BLOCK_C"]),
+                 dict(BLOCK_P=64, BLOCK_C=64), key=["P", "C", "D"])
 
 
 def pseudo_label(feats, protos, bias, threshold, ignore_index):
@@ -53,5 +54,5 @@ def pseudo_label(feats, protos, bias, threshold, ignore_index):
         feats, protos.contiguous(), scores if bias is None else bias.contiguous(), labels,
         scores, npx, c, d, *feats.stride(), float(threshold), int(ignore_index),
         ACC=tl.float64 if feats.dtype == torch.float64 else tl.float32,
-        HAS_BIAS=bias is not None, BLOCK_D=block_d(d))
+        HAS_BIAS=bias is not None, PREC=precision(feats.dtype), BLOCK_D=block_d(d, feats.dtype))
     return labels, scores
