@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from .transforms import normalize
 
+CHUNK = 16  # images per eval forward
+
 
 def _prepare(img: Tensor, lbl: Tensor, size: int) -> tuple[Tensor, Tensor]:
     h, w = img.shape[1:]
@@ -60,12 +62,17 @@ class Probe:
         out = {}
         try:
             for d, parts in self.sets.items():
-                rows = []
-                for x, y in parts[part]:
-                    f = model(x[None].to(dev))[head][0].float()
-                    y = F.interpolate(y[None, None].double(), f.shape[1:],
-                                      mode="nearest-exact")[0, 0].long().to(dev)
-                    rows.append((f, y))
+                rows, pairs = [], parts[part]
+                for i in range(0, len(pairs), CHUNK):
+                    chunk = pairs[i:i + CHUNK]
+                    shapes = {x.shape for x, _ in chunk}
+                    xs = ([torch.stack([x for x, _ in chunk])] if len(shapes) == 1
+                          else [x[None] for x, _ in chunk])  # batch same-size images
+                    fs = torch.cat([model(x.to(dev))[head].float() for x in xs])
+                    for f, (_, y) in zip(fs, chunk):
+                        y = F.interpolate(y[None, None].double(), f.shape[1:],
+                                          mode="nearest-exact")[0, 0].long().to(dev)
+                        rows.append((f, y))
                 out[d] = rows
         finally:
             model.train(mode)
