@@ -201,6 +201,8 @@ class Trainer:
             raise ValueError("the pixel-to-pixel baseline takes hard labels: set mix.mixup=0")
         if not isinstance(t["probe_every"], int) or t["probe_every"] < 0:
             raise ValueError(f"train.probe_every must be an int >= 0, got {t['probe_every']!r}")
+        if t["probe_every"] and lo["kind"] == "ce":
+            raise ValueError("train.probe_every: the ce baseline has no embedding to probe")
 
     def _unlabelled(self, spec: dict):
         """An unlabelled reader; ``hidden: <labelled dataset name>`` reads a labelled set
@@ -491,7 +493,7 @@ class Trainer:
         if self.key is not None:
             self.key.train()
         self._open_tb()
-        every = t["probe_every"] if self.probe_set is not None and self.kind != "ce" else 0
+        every = t["probe_every"] if self.probe_set is not None else 0
         if every and self.step == 0:
             m = {"step": 0, "probe": self.probe()}
             self.history.append(m)

@@ -256,9 +256,10 @@ def test_probe_balanced_accuracy_and_chance():
 def test_method_config_errors(tmp_path):
     for bad, match in (("loss.con_space=con", "con_space"), ("semi.confidence=prob", "confidence"),
                        ("semi.warmup_steps=-1", "warmup"), ("mix.prob=2", "mix.prob"),
-                       ("train.probe_every=0.5", "probe_every")):
+                       ("train.probe_every=0.5", "probe_every"),
+                       ("train.probe_every=1 loss.kind=ce", "no embedding")):
         with pytest.raises(ValueError, match=match):
-            Trainer(fx.tiny_config(tmp_path, tmp_path / "r", bad))
+            Trainer(fx.tiny_config(tmp_path, tmp_path / "r", *bad.split()))
     with pytest.raises(ValueError, match="probe_fraction"):
         Trainer(fx.tiny_config(tmp_path, tmp_path / "r", "train.probe_every=1",
                                "train.probe_fraction=1.5"))
