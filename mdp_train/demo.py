@@ -92,10 +92,18 @@ def demo_config(root: str | Path, out: str | Path, steps: int = 300, n: int = 64
         f"train.save_every={10 ** 9}", "train.resume=null", "train.progress=false"])
 
 
+def centred(protos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Valid prototypes minus their mean, renormalised (raw cosines between prototypes are
+    dominated by a shared offset); invalid rows stay 0."""
+    p = protos.float().clone()
+    p[valid] = torch.nn.functional.normalize(p[valid] - p[valid].mean(0), dim=1)
+    return p
+
+
 def alignment(protos: torch.Tensor, names: list[str]) -> tuple[float, list[str]]:
-    """Fraction of the demo's classes whose nearest prototype (cosine) among the other
-    dataset's classes is the known counterpart (a colour: its coarse class; a coarse class:
-    one of its colours), and one line per class."""
+    """Fraction of the demo's classes whose nearest prototype (cosine of ``protos``, e.g.
+    :func:`centred` ones) among the other dataset's classes is the known counterpart (a
+    colour: its coarse class; a coarse class: one of its colours), and one line per class."""
     idx = {n: i for i, n in enumerate(names)}
     p = protos.float()
     lines, hits = [], 0
@@ -111,25 +119,27 @@ def alignment(protos: torch.Tensor, names: list[str]) -> tuple[float, list[str]]
     return hits / len(pairs), lines
 
 
-def plot(protos: torch.Tensor, names: list[str], path: Path) -> Path:
-    """Cosine similarity matrix of the demo's class prototypes (PNG)."""
+def plot(protos: torch.Tensor, valid: torch.Tensor, names: list[str], path: Path) -> Path:
+    """Cosine similarity matrices of the demo's class prototypes, raw and centred (PNG)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cls = list(FINE) + list(COARSE) + ["voc/background"]
     idx = [names.index(c) for c in cls]
-    p = protos[idx].float()
-    sim = (p @ p.t()).cpu().numpy()
-    fig, ax = plt.subplots(figsize=(5.2, 4.4), dpi=110)
-    im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(cls)), cls, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(cls)), cls, fontsize=7)
-    for i in range(len(cls)):
-        for j in range(len(cls)):
-            ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("prototype cosine similarity (bank, end of the demo)", fontsize=8)
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), dpi=110)
+    fig.subplots_adjust(left=0.12, right=0.88, bottom=0.24, top=0.92, wspace=0.5)
+    for ax, p, title in ((axes[0], protos.float(), "raw"),
+                         (axes[1], centred(protos, valid), "centred (minus the mean prototype)")):
+        p = p[idx]
+        sim = (p @ p.t()).cpu().numpy()
+        im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_xticks(range(len(cls)), cls, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(cls)), cls, fontsize=7)
+        for i in range(len(cls)):
+            for j in range(len(cls)):
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_title(f"bank prototype cosine, {title}", fontsize=8)
+    fig.colorbar(im, ax=axes, fraction=0.025)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
@@ -191,12 +201,13 @@ def main(seconds: float = 120.0, out: str | None = None, n: int = 64,
                          "bank": row.get("bank"), "chance": row["chance"]}
             print(f"| {ds} | {first[ds]['support']:.3f} | {row['support']:.3f} | "
                   f"{row.get('bank', float('nan')):.3f} | {row['chance']:.3f} |")
-        protos, _ = trainer.criterion.bank.prototypes()
-        score, lines = alignment(protos, names)
+        protos, valid = trainer.criterion.bank.prototypes()
+        score, lines = alignment(centred(protos, valid), names)
         print(f"\ncross-dataset alignment: {score:.2f} of the classes have their known "
-              f"counterpart as nearest prototype in the other dataset (colour <-> coarse)")
+              f"counterpart as nearest prototype (centred cosine) in the other dataset "
+              f"(colour <-> coarse colour)")
         print("\n".join(lines))
-        png = plot(protos, names, Path(out or "out/demo") / "prototypes.png")
+        png = plot(protos, valid, names, Path(out or "out/demo") / "prototypes.png")
         print(f"\nprototype similarity matrix: {png}")
         print(f"total {time.time() - start:.0f} s")
     return {"table": table, "alignment": score, "png": str(png), "steps": steps,
