@@ -200,11 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     data, root = Path(args.data), Path(args.out)
     res_json = Path(args.results) / "issue16-checks.json"
-    res = json.loads(res_json.read_text()) if res_json.is_file() else {}
+    new = {}
     if "con" in args.parts:
-        res["con"] = run_con(data, args.steps, root)
+        new["con"] = run_con(data, args.steps, root)
     if "semi" in args.parts:
-        res["semi"] = run_semi(data, args.semi_steps, root)
+        new["semi"] = run_semi(data, args.semi_steps, root)
+    # read back just before writing: another process may have written the other part
+    res = json.loads(res_json.read_text()) if res_json.is_file() else {}
+    res.update(new)
     res_json.write_text(json.dumps(res, indent=1) + "\n")
     md = report(res, args)
     (Path(args.results) / "issue16-checks.md").write_text(md)
