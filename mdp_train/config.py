@@ -35,7 +35,9 @@ DEFAULTS: dict = {
         "backend": "auto",
     },
     "semi": {                  # pseudo-labels of data.unlabelled (Eq. 10)
-        "confidence": "cosine",  # cosine (the paper's raw similarity) | softmax | margin
+        # softmax (top probability at tau) | margin (top-2 cosine gap) | cosine (the paper's
+        # raw similarity: on CamVid it keeps ~all pixels, issue16-checks.md)
+        "confidence": "softmax",
         "threshold": 0.8,      # on the confidence score
         "tau": 0.07,           # softmax temperature (confidence: softmax)
         "warmup_steps": "auto",  # no pseudo-labels before this step; auto = bank slots
