@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=64")
     d = sub.add_parser("demo", help="pretrain on generated VOC/ADE-layout data (~2 min, CPU)")
-    d.add_argument("--seconds", type=float, default=120.0)
-    d.add_argument("--out", help="run folder (default: a temporary one)")
+    d.add_argument("--seconds", type=float, default=120.0,
+                   help="time budget; the number of steps is sized to it")
+    d.add_argument("--steps", type=int, help="a fixed number of steps instead")
+    d.add_argument("--out", help="run folder and PNG (default: a temporary run, PNG in "
+                   "out/demo)")
 
     f = sub.add_parser("finetune", help="DeepLab-v3+ with cross-entropy on one dataset")
     f.add_argument("--data", required=True, help="Folder-format dataset root")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.cmd == "demo":
         from .demo import main as demo
-        demo(args.seconds, args.out)
+        demo(args.seconds, args.out, steps=args.steps)
     elif args.cmd == "finetune":
         from .finetune import finetune
         opts = {k: getattr(args, k) for k in (

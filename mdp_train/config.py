@@ -22,6 +22,7 @@ DEFAULTS: dict = {
         "dim": 256,            # embedding size
         "momentum": 0.999,     # key encoder EMA
         "pretrained": None,    # torchvision-format ResNet checkpoint
+        "sync_bn": False,      # SyncBatchNorm under torchrun (CUDA); the key encoder too
     },
     "loss": {
         "kind": "mdp",         # mdp | pixel (Eq. 1 baseline) | ce (concatenated-label CE)
@@ -30,10 +31,20 @@ DEFAULTS: dict = {
         "tau_student": 0.07,
         "tau_teacher": 0.04,
         "bank_images": "auto",  # auto = half the labelled images
-        "threshold": 0.8,      # pseudo-label similarity threshold
+        "con_space": "proj",   # consistency on proj features vs the bank | bank: own con bank
         "backend": "auto",
     },
-    "mix": {"cutmix": 0.5, "mixup": 0.5},
+    "semi": {                  # pseudo-labels of data.unlabelled (Eq. 10)
+        # softmax (top probability at tau) | margin (top-2 cosine gap) | cosine (the paper's
+        # raw similarity: on CamVid it keeps ~all pixels, issue16-checks.md)
+        "confidence": "softmax",
+        "threshold": 0.8,      # on the confidence score
+        "tau": 0.07,           # softmax temperature (confidence: softmax)
+        "warmup_steps": "auto",  # no pseudo-labels before this step; auto = bank slots
+    },
+    # prob: share of view-1 samples mixed; cutmix : mixup is the ratio of the two methods;
+    # replace_view: the mixed view replaces view 1 (else it is an extra view, Fig. 2)
+    "mix": {"prob": 1.0, "cutmix": 0.5, "mixup": 0.5, "replace_view": False},
     "optim": {"lr": 0.8, "ref_batch": 128, "momentum": 0.9, "weight_decay": 4e-5},
     "train": {
         "batch_size": 128,     # global batch (split over ranks)
@@ -47,6 +58,9 @@ DEFAULTS: dict = {
         "resume": "auto",      # auto (out/checkpoint.pt if present) | a path | null
         "progress": True,
         "device": "auto",
+        "probe_every": 0,      # held-out nearest-prototype probe every N steps (0: off)
+        "probe_fraction": 0.1,  # of each labelled set, held out (never trained on) if probing
+        "tensorboard": False,  # also write <out>/tb (needs the tensorboard package)
     },
 }
 

@@ -11,20 +11,54 @@ from .labels import LabelSpace
 from .transforms import make_views
 
 
+class HiddenLabels:
+    """A labelled dataset read as unlabelled: training never sees its labels; they only
+    score the pseudo-labels. ``target`` is the index of the labelled dataset whose taxonomy
+    (and remap) the labels are in."""
+
+    classes: tuple = ()
+    labelled = False
+
+    def __init__(self, ds, target: int):
+        self.ds, self.target, self.name = ds, target, ds.name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, i: int):
+        return self.ds.load(i)
+
+
+def held_out(n: int, fraction: float, seed: int = 0) -> list[int]:
+    """A fixed ``fraction`` (at least one image) of ``n`` indices, the same for every run
+    seed, so probes of different runs use the same images."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"train.probe_fraction must be in (0, 1), got {fraction}")
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise ValueError(f"holding out {k} of {n} images leaves none to train on")
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
 class PretrainData(Dataset):
     """Items are addressed by ``(index, seed)``: the seed alone fixes the sample's
     augmentations, so views are reproducible in any worker and after a resume.
 
     Each item: ``view1``, ``view2``, ``teacher`` ``(3, S, S)``, ``label1``, ``label2``
     ``(S, S)`` global ids (``space.ignore_index`` where unlabelled/ignored), ``dataset``
-    (index into ``datasets``) and ``labelled``.
+    (index into ``datasets``) and ``labelled``; when some dataset is a
+    :class:`HiddenLabels`, also ``hidden1``, ``hidden2`` (its labels, ignore elsewhere).
+    ``exclude`` maps a dataset index to image indices left out (the probe's held-out split).
     """
 
     def __init__(self, datasets: Sequence, space: LabelSpace, crop_size: int,
-                 crop_scale=(0.2, 1.0)):
+                 crop_scale=(0.2, 1.0), exclude: dict[int, list[int]] | None = None):
         self.datasets, self.space = list(datasets), space
         self.crop_size, self.crop_scale = crop_size, tuple(crop_scale)
-        self.index = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
+        skip = {d: set(v) for d, v in (exclude or {}).items()}
+        self.index = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))
+                      if i not in skip.get(d, ())]
+        self.hidden = any(isinstance(ds, HiddenLabels) for ds in self.datasets)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -32,12 +66,20 @@ class PretrainData(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         k, seed = key
         d, i = self.index[k]
-        img, lbl = self.datasets[d].load(i)
-        lbl = self.space.to_global(d, lbl, tuple(img.shape[1:]))
+        ds = self.datasets[d]
+        img, lbl = ds.load(i)
+        hid = isinstance(ds, HiddenLabels)
+        lbl = self.space.to_global(ds.target if hid else d, lbl, tuple(img.shape[1:]))
         g = torch.Generator().manual_seed(seed)
         out = make_views(img, lbl, self.crop_size, g, self.crop_scale)
+        if self.hidden:
+            none = torch.full_like(out["label1"], self.space.ignore_index)
+            for v in ("1", "2"):
+                out["hidden" + v] = out["label" + v] if hid else none
+                if hid:
+                    out["label" + v] = none
         out["dataset"] = d
-        out["labelled"] = self.datasets[d].labelled
+        out["labelled"] = ds.labelled
         return out
 
 

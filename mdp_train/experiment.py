@@ -33,7 +33,7 @@ ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
     "scratch": ("scratch (random init)", None, ""),
     "mdp": ("MDP, A+B", [], "AB"),
     "mdp_a": ("MDP, A only", [], "A"),
-    "mdp_nomix": ("MDP w/o mixing, A+B", ["mix.cutmix=0", "mix.mixup=0"], "AB"),
+    "mdp_nomix": ("MDP w/o mixing, A+B", ["mix.prob=0"], "AB"),
     "mdp_nocon": ("MDP w/o consistency, A+B", ["loss.alpha=0"], "AB"),
     "pixel": ("pixel-to-pixel, A+B", ["loss.kind=pixel", "mix.mixup=0"], "AB"),
     "ce": ("concatenated-label CE, A+B", ["loss.kind=ce"], "AB"),
@@ -159,8 +159,11 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
           f"end: the machine may be shared).", "",
           "| arm | mIoU (%) mean +- std | vs scratch | per seed | pretrain s | finetune s |",
           "| --- | ---: | ---: | --- | ---: | ---: |", *rows, ""]
-    md += ["Pretraining settings per arm (MDP defaults: loss.alpha 0.2, cutmix 0.5, mixup 0.5; "
-           "U is pseudo-labelled, threshold 0.8): " + "; ".join(
+    mx, lo, se = (config.DEFAULTS[k] for k in ("mix", "loss", "semi"))
+    md += [f"Pretraining settings per arm (MDP defaults: loss.alpha {lo['alpha']}, con_space "
+           f"{lo['con_space']}; mix.prob {mx['prob']}, cutmix : mixup {mx['cutmix']} : "
+           f"{mx['mixup']}, replace_view {mx['replace_view']}; U is pseudo-labelled, "
+           f"{se['confidence']} >= {se['threshold']}, warm-up {se['warmup_steps']}): " + "; ".join(
                f"{ARMS[a][0]}: {', '.join(ARMS[a][1]) or 'defaults'}" for a in results
                if ARMS[a][1] is not None) + ".", ""]
     worse = [ARMS[a][0] for a, mu in zip(results, means) if a != "scratch" and mu <= 100 * base]

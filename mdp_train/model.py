@@ -203,8 +203,10 @@ class MDPNet(nn.Module):
 
 
 class MomentumEncoder(nn.Module):
-    """EMA copy of a model (the key encoder): ``p_k <- m p_k + (1 - m) p_q`` for parameters;
-    buffers (BN statistics) are copied. No gradients."""
+    """EMA copy of a model (the key encoder): ``p_k <- m p_k + (1 - m) p_q`` for parameters.
+    Buffers (BN running statistics) are the key's own, as in MoCo: its forward passes in
+    train mode update them, and the query's statistics would not match the EMA weights (in
+    eval mode such a key encoder is at chance). No gradients."""
 
     def __init__(self, model: nn.Module, momentum: float = 0.999):
         super().__init__()
@@ -219,8 +221,6 @@ class MomentumEncoder(nn.Module):
     def update(self, model: nn.Module) -> None:
         for pk, pq in zip(self.model.parameters(), model.parameters()):
             pk.mul_(self.momentum).add_(pq.detach(), alpha=1 - self.momentum)
-        for bk, bq in zip(self.model.buffers(), model.buffers()):
-            bk.copy_(bq)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> dict[str, Tensor]:

@@ -210,12 +210,12 @@ def test_mix_batch_cross_dataset():
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     part = T.partners(groups, torch.Generator().manual_seed(5))
     assert (groups[part] != groups).all()
-    out, la, lb, lam = T.mix_batch(imgs, labels, groups, g, cutmix=0.0, mixup=1.0)
-    assert ((lam > 0) & (lam < 1)).all() and torch.equal(la, labels)
+    out, la, lb, lam, mixed = T.mix_batch(imgs, labels, groups, g, cutmix=0.0, mixup=1.0)
+    assert mixed.all() and ((lam > 0) & (lam < 1)).all() and torch.equal(la, labels)
     j = lb[:, 0, 0]
     assert (groups[j] != groups).all()
     assert torch.allclose(out, lam.view(-1, 1, 1, 1) * imgs + (1 - lam.view(-1, 1, 1, 1)) * imgs[j])
-    out, la, lb, lam = T.mix_batch(imgs, labels, groups, g, cutmix=1.0, mixup=0.0)
+    out, la, lb, lam, _ = T.mix_batch(imgs, labels, groups, g, cutmix=1.0, mixup=0.0)
     assert (lam == 1).all() and torch.equal(la, lb)
     for i in range(b):
         pasted = la[i] != i
@@ -224,7 +224,34 @@ def test_mix_batch_cross_dataset():
             assert groups[j] != groups[i]
             assert torch.equal(out[i][:, pasted], imgs[j][:, pasted])
         assert torch.equal(out[i][:, ~pasted], imgs[i][:, ~pasted])
-    same = T.mix_batch(imgs, labels, groups, g, cutmix=0.0, mixup=0.0)
-    assert torch.equal(same[0], imgs) and (same[3] == 1).all()
-    with pytest.raises(ValueError):
-        T.mix_batch(imgs, labels, groups, g, cutmix=0.7, mixup=0.7)
+    for kw in ({"cutmix": 0.0, "mixup": 0.0}, {"prob": 0.0}):
+        same = T.mix_batch(imgs, labels, groups, g, **kw)
+        assert torch.equal(same[0], imgs) and (same[3] == 1).all() and not same[4].any()
+    with pytest.raises(ValueError, match="prob"):
+        T.mix_batch(imgs, labels, groups, g, prob=1.5)
+
+
+def test_mix_prob_and_ratio():
+    """mix.prob is the share of mixed samples, cutmix : mixup the ratio of the methods."""
+    g = torch.Generator().manual_seed(2)
+    b = 400
+    imgs, groups = torch.randn(b, 3, 8, 8), torch.arange(b) % 2
+    labels = torch.arange(b).view(b, 1, 1).expand(b, 8, 8).clone()
+    _, _, lb, lam, mixed = T.mix_batch(imgs, labels, groups, g, prob=0.3, cutmix=1, mixup=3)
+    assert abs(float(mixed.float().mean()) - 0.3) < 0.08
+    blended = lam < 1
+    assert not (blended & ~mixed).any()
+    assert abs(float(blended.sum()) / float(mixed.sum()) - 0.75) < 0.12
+    assert torch.equal(lb[~mixed], labels[~mixed])
+
+
+def test_mean_cutmix_area_is_not_one_minus_lam():
+    """The rebuttal's box (uniform start over the image, clipped): the mean pasted area is
+    E[(s - s^2 / 2)^2] with s = sqrt(1 - lam), i.e. 1/2 - 2/5 + 1/12 = 11/60, not 0.5."""
+    assert abs(T.mean_box_area() - 11 / 60) < 3e-3
+    g = torch.Generator().manual_seed(3)
+    areas = []
+    for _ in range(4000):
+        y0, y1, x0, x1 = T.cutmix_box(float(torch.rand((), generator=g)), 64, 64, g)
+        areas.append((y1 - y0) * (x1 - x0) / 64 ** 2)
+    assert abs(sum(areas) / len(areas) - 11 / 60) < 0.015

@@ -79,8 +79,9 @@ def _fixed_loss(tr, batch, protos, valid):
 
 @pytest.mark.parametrize("kind", ["mdp", "ce", "pixel"])
 def test_one_step_decreases_loss_on_fixed_batch(tmp_path, kind):
-    cfg = fx.tiny_config(tmp_path, tmp_path / "run", f"loss.kind={kind}", "mix.cutmix=0",
-                         "mix.mixup=0", "optim.lr=0.05", "optim.momentum=0")
+    # alpha 0: the consistency term (on the proj features) is not part of the fixed loss
+    cfg = fx.tiny_config(tmp_path, tmp_path / "run", f"loss.kind={kind}", "mix.prob=0",
+                         "loss.alpha=0", "optim.lr=0.05", "optim.momentum=0")
     tr = Trainer(cfg)
     batch = next(iter(tr.loader()))
     if kind == "mdp":
@@ -102,12 +103,12 @@ def _state(tr):
 
 
 def test_resume_after_interruption_is_exact(tmp_path):
-    extra = ("train.steps=4", "train.save_every=2", "loss.threshold=-1.0")
+    extra = ("train.steps=4", "train.save_every=2", "semi.threshold=-1.0", "semi.warmup_steps=1")
     full = Trainer(fx.tiny_config(tmp_path / "d", tmp_path / "a", *extra, unlabelled=True))
     hist = full.fit()
     # threshold -1: every pixel of an unlabelled image gets a pseudo-label once the bank
     # has prototypes (after step 1)
-    pseudo = [m["pseudo"] for m in hist[1:] if "pseudo" in m]
+    pseudo = [m["pseudo"]["coverage"] for m in hist[1:] if "pseudo" in m]
     assert pseudo and all(p == 1.0 for p in pseudo)
     cut = Trainer(fx.tiny_config(tmp_path / "d", tmp_path / "b", *extra, unlabelled=True))
     cut.fit(max_steps=3)  # "killed" after step 3: only the step-2 checkpoint exists
@@ -149,7 +150,8 @@ def test_config_overrides_and_errors(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train: {batch_size: 32}\nmix: {cutmix: 0.0}\n")
     cfg = config.load(p, ["model.arch=resnet18", "loss.tau=0.1", "data.crop_scale=[0.5,1]"])
-    assert cfg["train"]["batch_size"] == 32 and cfg["mix"] == {"cutmix": 0.0, "mixup": 0.5}
+    assert cfg["train"]["batch_size"] == 32
+    assert cfg["mix"] == {"prob": 1.0, "cutmix": 0.0, "mixup": 0.5, "replace_view": False}
     assert cfg["model"]["arch"] == "resnet18" and cfg["loss"]["tau"] == 0.1
     assert cfg["data"]["crop_scale"] == [0.5, 1] and cfg["optim"]["lr"] == 0.8
     with pytest.raises(KeyError, match="loss.tua"):
