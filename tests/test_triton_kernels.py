@@ -69,7 +69,7 @@ def close(a, b, tol=1e-5):
                                               CHUNKS=2)])
 def test_block_sizes_and_chunks_match_reference(device, meta):
     f, g, p, y, yb, cm = case(device)
-    with _launch.forced(**meta):
+    with mk.config.override(triton_meta=meta):
         got = run_all(f, g, p, y, yb, cm, "triton")
     ref = run_all(*(x.double() if x.is_floating_point() else x for x in (f, g, p)), y, yb, cm,
                   "reference")
@@ -89,7 +89,7 @@ def test_sliced_views(device):
     yb = torch.randint(0, 23, y.shape)
     cm = torch.ones(23, dtype=torch.bool)
     assert not f.is_contiguous()
-    with _launch.forced(**SMALL):
+    with mk.config.override(triton_meta=SMALL):
         got = run_all(*(x.to(device) for x in (f, g, p, y, yb, cm)), "triton")
     ref = run_all(f.double(), g.double(), p.double(), y, yb, cm, "reference")
     close(got[:-2], ref[:-2])
@@ -101,15 +101,11 @@ def test_atomic_dprotos_matches_deterministic(device, dtype):
     p.requires_grad_()
     outs = []
     for det in (True, False):
-        tk.set_deterministic(det)
-        try:
-            with _launch.forced(**SMALL):
-                a = mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.6, class_mask=cm,
-                                               backend="triton")
-                b = mk.prototype_consistency_loss(f, g, p, class_mask=cm, backend="triton")
-                outs.append(torch.autograd.grad(a, p) + torch.autograd.grad(b, p))
-        finally:
-            tk.set_deterministic(True)
+        with mk.config.override(deterministic=det, triton_meta=SMALL):
+            a = mk.prototype_contrast_loss(f, p, y, labels_b=yb, lam=0.6, class_mask=cm,
+                                           backend="triton")
+            b = mk.prototype_consistency_loss(f, g, p, class_mask=cm, backend="triton")
+            outs.append(torch.autograd.grad(a, p) + torch.autograd.grad(b, p))
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for x, z in zip(*outs):
         assert rel_err(x.float(), z.float()) <= tol
@@ -118,7 +114,7 @@ def test_atomic_dprotos_matches_deterministic(device, dtype):
 def test_deterministic_dprotos_bitwise_across_runs(device):
     f, g, p, y, yb, cm = case(device)
     p.requires_grad_()
-    with _launch.forced(**SMALL):
+    with mk.config.override(triton_meta=SMALL):
         runs = [torch.autograd.grad(mk.prototype_contrast_loss(f, p, y, backend="triton"), p)[0]
                 for _ in range(2)]
     assert torch.equal(*runs)
@@ -142,7 +138,7 @@ def test_skipped_pixels_get_zero_and_are_not_read(device):
     f[:, :, y[0] == IGNORE] = float("nan")
     f, p, y = f.to(device), p.to(device), y.to(device)
     f.requires_grad_()
-    with _launch.forced(**SMALL):
+    with mk.config.override(triton_meta=SMALL):
         loss = mk.prototype_contrast_loss(f, p, y, reduction="none", check_finite=False,
                                           backend="triton")
         (gf,) = torch.autograd.grad(loss.sum(), f)

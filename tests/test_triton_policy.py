@@ -42,15 +42,17 @@ def test_large_dim_raises_before_launch():
 
 
 def test_fp32_precision_policy(monkeypatch):
-    monkeypatch.setattr(_launch, "fp32_precision", "auto")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert _launch.precision(torch.float32) == "tf32x3"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert _launch.precision(torch.float32) == "tf32"
-    monkeypatch.setattr(_launch, "fp32_precision", "ieee")
-    assert _launch.precision(torch.float32) == "ieee"
-    for dt in (torch.bfloat16, torch.float16, torch.float64):
-        assert _launch.precision(dt) == "ieee"
+    with mk.config.override(triton_fp32="auto"):
+        assert _launch.precision(torch.float32) == "tf32x3"
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        assert _launch.precision(torch.float32) == "tf32"
+    with mk.config.override(triton_fp32="ieee"):
+        assert _launch.precision(torch.float32) == "ieee"
+        for dt in (torch.bfloat16, torch.float16, torch.float64):
+            assert _launch.precision(dt) == "ieee"
+    with pytest.raises(ValueError, match="config.triton_fp32 must be one of"):
+        mk.config.triton_fp32 = "fp32"
 
 
 @pytest.mark.parametrize("name,k", KERNELS, ids=[n for n, _ in KERNELS])

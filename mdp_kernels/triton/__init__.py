@@ -3,16 +3,15 @@
 
 On CUDA tensors they compile for the GPU; with ``TRITON_INTERPRET=1`` they run on CPU tensors
 through the Triton interpreter (the test suite's mode when there is no GPU).
-``set_deterministic(False)`` (or ``MDP_TRITON_DETERMINISTIC=0``) switches the prototype
-gradients of ce_bwd / con_bwd to float atomics. The deterministic path is the default: it
-recomputes the logit tiles a second time (cheap tensor-core work for bf16/fp16), while the
-atomic path issues C x D float adds per pixel block; which is faster on a given GPU and
-shape is not measured yet (no GPU was available when these kernels were written).
-Configs, autotuning, the fp32 precision (tf32x3 by default) and the feature-dim limit:
-``_launch``; ``set_autotune`` and ``set_fp32_precision`` set them at run time.
+``mdp_kernels.config.deterministic = False`` switches the prototype gradients of ce_bwd /
+con_bwd to float atomics. The deterministic path is the default: it recomputes the logit
+tiles a second time (cheap tensor-core work for bf16/fp16), while the atomic path issues
+C x D float adds per pixel block; which is faster on a given GPU and shape is not measured
+yet (no GPU was available when these kernels were written). Configs, pruning and the
+feature-dim limit: ``_launch``; autotuning, the fp32 precision (tf32x3 by default) and
+pinned meta-parameters are ``mdp_kernels.config`` settings.
 """
 from .. import dispatch
-from . import _launch
 from .ce_bwd import ce_bwd
 from .ce_fwd import ce_fwd
 from .class_sums import class_sums, class_sums_bwd
@@ -28,23 +27,3 @@ KERNELS = {"class_sums": class_sums, "class_sums_bwd": class_sums_bwd, "ce_fwd":
 
 for _name, _fn in KERNELS.items():
     dispatch.register("triton", _name, _fn)
-
-
-def set_deterministic(flag: bool) -> None:
-    """True (default): prototype gradients reduced without float atomics, bitwise
-    reproducible. False: the pixel-block backward adds them with tl.atomic_add."""
-    _launch.deterministic = bool(flag)
-
-
-def set_autotune(flag: bool) -> None:
-    """True (default): autotune over the configs that survive pruning. False: every kernel
-    runs its first config that fits (also ``MDP_TRITON_AUTOTUNE=0``)."""
-    _launch.autotune = bool(flag)
-
-
-def set_fp32_precision(mode: str) -> None:
-    """fp32 ``tl.dot`` precision: "auto" (default: tf32x3, or tf32 when
-    ``torch.backends.cuda.matmul.allow_tf32``), "tf32x3", "tf32" or "ieee"."""
-    if mode not in _launch.FP32_PRECISIONS:
-        raise ValueError(f"mode must be one of {_launch.FP32_PRECISIONS}, got {mode!r}")
-    _launch.fp32_precision = mode

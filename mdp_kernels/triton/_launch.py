@@ -1,5 +1,5 @@
 """Launch plumbing shared by the Triton kernels: config lists and their pruning, the fp32
-dot precision, the feature-dim limit, pixel chunking and the deterministic switch.
+dot precision, the feature-dim limit and pixel chunking.
 
 Configs. Each kernel has a short list of (block sizes, num_warps, num_stages), the one
 with the fewest register spills first. On a GPU ``triton.autotune`` tries the configs that
@@ -9,15 +9,15 @@ exceeds what a block can get, or its accumulators need more than 128 fp32 regist
 thread (they would spill). The
 autotune key is the kernel's size arguments (C, D, and P or PK: pixels per image) plus every
 constexpr that is not a tuned block size (dtype-dependent flags, HAS_*, NEED_F, ATOMIC,
-PREC), and the tensors' dtypes. ``set_autotune(False)`` (or ``MDP_TRITON_AUTOTUNE=0``) pins
-every kernel to its first surviving config: one compile per variant, no benchmarking.
-Under ``TRITON_INTERPRET=1`` the list is a single large-block config (the interpreter pays
-per operation, not per element). ``forced(...)`` pins block sizes for tests.
+PREC), and the tensors' dtypes. ``mdp_kernels.config.triton_autotune = False`` pins every
+kernel to its first surviving config: one compile per variant, no benchmarking. Under
+``TRITON_INTERPRET=1`` the list is a single large-block config (the interpreter pays per
+operation, not per element). ``config.triton_meta`` pins block sizes for tests.
 
 fp32 inputs (``precision``): ``tl.dot`` with ``input_precision="tf32x3"`` (three TF32
 tensor-core products, about fp32 accuracy, within the 1e-5 contract), or ``"tf32"`` when
 ``torch.backends.cuda.matmul.allow_tf32`` is True (as torch's own fp32 matmuls then do).
-``set_fp32_precision("ieee")`` (or ``MDP_TRITON_FP32=ieee``) forces IEEE fp32 products:
+``config.triton_fp32 = "ieee"`` (or ``MDP_TRITON_FP32=ieee``) forces IEEE fp32 products:
 FMA loops, not tensor cores, slow on a GPU. bf16/fp16/fp64 products are exact in their
 accumulator (fp32, fp64).
 
@@ -27,7 +27,6 @@ D <= 512 for bf16/fp16, 256 for fp32, 128 for fp64 (``max_dim``). Larger D raise
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from typing import Callable
@@ -36,27 +35,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import config
+from ..layout import acc_dtype
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# dprotos (and class sums) without float atomics: a class-tile program per pixel chunk writes
-# a partial, the partials are summed in a fixed order. False: the pixel-block backward
-# kernel also adds its dprotos share with tl.atomic_add (one logit recompute instead of two,
-# run-to-run nondeterministic in the last bits). Set before calling, or
-# MDP_TRITON_DETERMINISTIC=0 in the environment.
-deterministic = os.environ.get("MDP_TRITON_DETERMINISTIC", "1") != "0"
-autotune = os.environ.get("MDP_TRITON_AUTOTUNE", "1") != "0"
-fp32_precision = os.environ.get("MDP_TRITON_FP32", "auto")
-FP32_PRECISIONS = ("auto", "tf32x3", "tf32", "ieee")
-if fp32_precision not in FP32_PRECISIONS:
-    raise ValueError(f"MDP_TRITON_FP32 must be one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+# Settings (mdp_kernels.config): deterministic (dprotos without float atomics: a class-tile
+# program per pixel chunk writes a partial, summed in a fixed order; off, the pixel-block
+# backward also adds its dprotos share with tl.atomic_add, one logit recompute instead of
+# two), triton_autotune, triton_fp32 and triton_meta (pinned meta-parameters).
 
 ROW_BYTES = 1024  # one feature row (BLOCK_D elements) at most
 SMEM_SM90 = 232448  # 227 KB: the opt-in shared memory per block of sm_90
 MAX_REGS = 128  # fp32 accumulator registers per thread a config may need
 SCRATCH = 2048  # shared memory of reductions and layout conversions besides the tiles
-
-_forced: dict = {}
-
 
 def grid_configs(names: tuple[str, str], rows) -> list[tuple[dict, int, int]]:
     """Configs from ((block a, block b), num_warps, num_stages) rows."""
@@ -73,29 +65,12 @@ FWD_CONFIGS = grid_configs(("BLOCK_P", "BLOCK_C"), [((64, 64), 4, 2), ((128, 64)
                            + SMALL)
 
 
-@contextlib.contextmanager
-def forced(**meta):
-    """Run every kernel with these meta-parameters (BLOCK_P, BLOCK_C, BLOCK_Q, BLOCK_K,
-    CHUNKS: pixel chunks per image; num_warps, num_stages) instead of the tuned ones."""
-    old = dict(_forced)
-    _forced.update(meta)
-    try:
-        yield
-    finally:
-        _forced.clear()
-        _forced.update(old)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for operands of ``dtype`` (see the module docstring)."""
     if dtype != torch.float32:
         return "ieee"
-    if fp32_precision != "auto":
-        return fp32_precision
+    if config.triton_fp32 != "auto":
+        return config.triton_fp32
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
@@ -174,14 +149,15 @@ class Kernel:
         return keep
 
     def __getitem__(self, grid):
-        if _forced:
-            meta = {k: _forced.get(k, v) for k, v in self.interp.items()}
-            meta.update({k: _forced[k] for k in ("num_warps", "num_stages") if k in _forced})
+        forced = config.triton_meta
+        if forced:
+            meta = {k: forced.get(k, v) for k, v in self.interp.items()}
+            meta.update({k: forced[k] for k in ("num_warps", "num_stages") if k in forced})
 
             def launch(*args, **kw):
                 return self.fn[grid](*args, **kw, **meta)
             return launch
-        if INTERPRET or autotune:
+        if INTERPRET or config.triton_autotune:
             return self.tuned[grid]
 
         def pinned(*args, **kw):
@@ -193,8 +169,9 @@ class Kernel:
 def chunks(batch: int, pixels: int, class_tiles: int) -> int:
     """Pixel chunks per image for the class-tile reductions: enough programs to fill the
     GPU (about 4 per SM), never more than one per 128 pixels."""
-    if "CHUNKS" in _forced:
-        return max(1, min(_forced["CHUNKS"], pixels))
+    forced = config.triton_meta or {}
+    if "CHUNKS" in forced:
+        return max(1, min(forced["CHUNKS"], pixels))
     if INTERPRET or not torch.cuda.is_available():
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ._launch import SMALL, Kernel, acc_dtype, block_d, chunks, grid_configs, precision
+from ..config import config
+from ..layout import acc_dtype
+from ._launch import SMALL, Kernel, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, mm, store_rows
 
 
@@ -131,7 +132,7 @@ def ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats,
     g = [x.contiguous() for x in (g_lse, g_za, g_za if g_zb is None else g_zb)]
     df = torch.empty_like(feats) if need_feats else None
     dp = None
-    if need_protos and not _launch.deterministic:
+    if need_protos and not config.deterministic:
         dp = torch.zeros(c, d, dtype=acc, device=feats.device)
     flags = dict(HAS_TB=tb is not None, HAS_BIAS=bias is not None,
                  PREC=precision(feats.dtype), BLOCK_D=block_d(d, feats.dtype))

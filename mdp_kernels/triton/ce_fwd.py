@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FWD_CONFIGS, Kernel, acc_dtype, block_d, precision
+from ..layout import acc_dtype
+from ._launch import FWD_CONFIGS, Kernel, block_d, precision
 from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 
 

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Kernel, acc_dtype, block_d, chunks, grid_configs, precision
+from ..layout import acc_dtype
+from ._launch import Kernel, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_rows, mm, store_rows
 
 

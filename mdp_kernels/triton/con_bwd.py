@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
-from ._launch import SMALL, Kernel, acc_dtype, block_d, chunks, grid_configs, precision
+from ..config import config
+from ..layout import acc_dtype
+from ._launch import SMALL, Kernel, block_d, chunks, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, mm, store_rows
 
 
@@ -120,7 +121,7 @@ def con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau
     if bsz * npx == 0:
         return ds, None if not need_protos else protos.new_zeros(c, d)
     dp = None
-    if need_protos and not _launch.deterministic:
+    if need_protos and not config.deterministic:
         dp = torch.zeros(c, d, dtype=acc, device=student.device)
     mask_ = lse_s if mask is None else mask.to(torch.int32)
     bias_ = lse_s if bias is None else bias.contiguous()

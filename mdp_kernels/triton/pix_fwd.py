@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import SMALL, Kernel, acc_dtype, block_d, grid_configs, precision
+from ..layout import acc_dtype
+from ._launch import SMALL, Kernel, block_d, grid_configs, precision
 from ._tiles import count, load_rows, lse_update, mm
 
 
