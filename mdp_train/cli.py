@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from . import config
+from .finetune import FinetuneConfig
 
 
 def _data_args(p: argparse.ArgumentParser, prefix_help: str) -> None:
@@ -30,30 +32,7 @@ def main(argv: list[str] | None = None) -> None:
                    "out/demo)")
 
     f = sub.add_parser("finetune", help="DeepLab-v3+ with cross-entropy on one dataset")
-    f.add_argument("--data", required=True, help="Folder-format dataset root")
-    f.add_argument("--subsets", nargs="*", help="sub-folders to train on (default: all)")
-    f.add_argument("--prefix", help="train on images whose name starts with this (train_)")
-    f.add_argument("--eval-subsets", nargs="*", help="evaluate on these sub-folders")
-    f.add_argument("--eval-prefix", help="evaluate on images starting with this (test_)")
-    f.add_argument("--init", help="pretraining/fine-tuning checkpoint or exported backbone "
-                   "(default: from scratch)")
-    f.add_argument("--scope", choices=("all", "backbone"), default="all",
-                   help="what a checkpoint transfers: the whole DeepLab-v3+ or the ResNet")
-    f.add_argument("--freeze-backbone", action="store_true", help="fixed backbone (Table 6)")
-    f.add_argument("--arch", default="resnet18")
-    f.add_argument("--output-stride", type=int, default=16)
-    f.add_argument("--width", type=int, default=64)
-    f.add_argument("--channels", type=int, default=256)
-    f.add_argument("--steps", type=int, default=1000)
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--lr", type=float, default=0.01)
-    f.add_argument("--crop", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
-    f.add_argument("--train-scale", type=float, nargs=2, default=(0.4, 0.7),
-                   metavar=("LO", "HI"), help="random resize range while training")
-    f.add_argument("--eval-scale", type=float, default=0.5)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", required=True, help="run folder (model.pt, result.json, eval.md)")
-    f.add_argument("--no-progress", action="store_true")
+    FinetuneConfig.add_arguments(f)
 
     e = sub.add_parser("eval", help="mIoU (MMSegmentation way) of a fine-tuned model")
     e.add_argument("checkpoint")
@@ -80,13 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.seconds, args.out, steps=args.steps)
     elif args.cmd == "finetune":
         from .finetune import finetune
-        opts = {k: getattr(args, k) for k in (
-            "data", "subsets", "prefix", "eval_subsets", "eval_prefix", "init", "scope",
-            "freeze_backbone", "arch", "output_stride", "width", "channels", "steps",
-            "batch_size", "lr", "crop", "eval_scale", "seed", "out")}
-        opts.update(scale=list(args.train_scale), crop=list(args.crop),
-                    progress=not args.no_progress)
-        res = finetune(opts)
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        res = finetune(FinetuneConfig.from_dict(
+            {k: v for k, v in vars(args).items() if k in names}))
         print(f"{res['init']}; {res['steps']} steps, {res['seconds_per_step']:.2f} s/step, "
               f"loss {res['first_loss']:.3f} -> {res['last_loss']:.3f}")
         if "miou" in res:

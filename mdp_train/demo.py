@@ -83,13 +83,14 @@ def write_demo_data(root: str | Path, n: int = 64, size: int = 64, seed: int = 0
 
 def demo_config(root: str | Path, out: str | Path, steps: int = 300, n: int = 64) -> dict:
     specs = write_demo_data(root, n)
-    return config.load(None, [
-        f"data.datasets={list(specs.values())}", "data.crop_size=48", "data.crop_scale=[0.4,1.0]",
-        "data.workers=0", "model.arch=resnet18", "model.width=16", "model.channels=32",
-        "model.dim=32", "model.momentum=0.99", "train.batch_size=8", f"train.steps={steps}",
-        "optim.lr=0.4", "optim.ref_batch=64", f"train.out={out}", "train.log_every=10",
-        f"train.probe_every={max(1, steps // 4)}", "train.probe_fraction=0.25",
-        f"train.save_every={10 ** 9}", "train.resume=null", "train.progress=false"])
+    return config.merge(config.DEFAULTS, {
+        "data": {"datasets": list(specs.values()), "crop_size": 48, "crop_scale": [0.4, 1.0],
+                 "workers": 0},
+        "model": {"arch": "resnet18", "width": 16, "channels": 32, "dim": 32, "momentum": 0.99},
+        "train": {"batch_size": 8, "steps": steps, "out": str(out), "log_every": 10,
+                  "probe_every": max(1, steps // 4), "probe_fraction": 0.25,
+                  "save_every": 10 ** 9, "resume": None, "progress": False},
+        "optim": {"lr": 0.4, "ref_batch": 64}})
 
 
 def centred(protos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

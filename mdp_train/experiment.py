@@ -16,6 +16,7 @@ started again. ``--quick`` is a tiny smoke budget (one seed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,19 +26,20 @@ from pathlib import Path
 import numpy as np
 
 from . import config
+from .finetune import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "camvid"
 
 ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
     "scratch": ("scratch (random init)", None, ""),
-    "mdp": ("MDP, A+B", [], "AB"),
-    "mdp_a": ("MDP, A only", [], "A"),
-    "mdp_nomix": ("MDP w/o mixing, A+B", ["mix.prob=0"], "AB"),
-    "mdp_nocon": ("MDP w/o consistency, A+B", ["loss.alpha=0"], "AB"),
-    "pixel": ("pixel-to-pixel, A+B", ["loss.kind=pixel", "mix.mixup=0"], "AB"),
-    "ce": ("concatenated-label CE, A+B", ["loss.kind=ce"], "AB"),
-    "mdp_semi": ("MDP semi-supervised, A+B+U", [], "ABU"),
+    "mdp": ("MDP, A+B", {}, "AB"),
+    "mdp_a": ("MDP, A only", {}, "A"),
+    "mdp_nomix": ("MDP w/o mixing, A+B", {"mix": {"prob": 0}}, "AB"),
+    "mdp_nocon": ("MDP w/o consistency, A+B", {"loss": {"alpha": 0}}, "AB"),
+    "pixel": ("pixel-to-pixel, A+B", {"loss": {"kind": "pixel"}, "mix": {"mixup": 0}}, "AB"),
+    "ce": ("concatenated-label CE, A+B", {"loss": {"kind": "ce"}}, "AB"),
+    "mdp_semi": ("MDP semi-supervised, A+B+U", {}, "ABU"),
 }
 
 # Model and step budgets. "full" takes about 40 min on a quiet 2-core CPU (measured wall
@@ -64,6 +66,14 @@ QUICK_NOTE = ("This is a smoke run: it proves that every arm runs end to end on 
               "the paper. The reproduction is `make experiment` (full budget).")
 
 
+def _dotted(tree: dict, where: str = "") -> list[str]:
+    """``{"mix": {"prob": 0}}`` -> ``["mix.prob=0"]``: an arm's overrides as the CLI takes them."""
+    out = []
+    for k, v in tree.items():
+        out += _dotted(v, f"{where}{k}.") if isinstance(v, dict) else [f"{where}{k}={v}"]
+    return out
+
+
 def pretrain_config(data: Path, arm: str, budget: dict, seed: int, out: Path) -> dict:
     m, p = budget["model"], budget["pretrain"]
     _, extra, sets = ARMS[arm]
@@ -73,25 +83,25 @@ def pretrain_config(data: Path, arm: str, budget: dict, seed: int, out: Path) ->
                       "remap": str(REPO / "configs" / "camvid_coarse.txt")})
     unl = ([{"type": "images", "root": str(data / "0006R0" / "images"), "name": "U"}]
            if "U" in sets else [])
-    return config.load(None, [
-        f"data.datasets={json.dumps(specs)}", f"data.unlabelled={json.dumps(unl)}",
-        f"data.crop_size={p['crop']}", "data.workers=1",
-        f"model.arch={m['arch']}", f"model.width={m['width']}",
-        f"model.channels={m['channels']}", f"model.dim={m['dim']}", "model.momentum=0.99",
-        f"train.batch_size={p['batch']}", f"train.steps={p['steps']}", f"train.seed={seed}",
-        "optim.lr=0.8", "optim.ref_batch=128", f"train.out={out}", "train.log_every=10",
-        f"train.save_every={max(1, p['steps'] // 4)}", "train.resume=auto",
-        "train.progress=true", *extra])
+    base = {
+        "data": {"datasets": specs, "unlabelled": unl, "crop_size": p["crop"], "workers": 1},
+        "model": {"arch": m["arch"], "width": m["width"], "channels": m["channels"],
+                  "dim": m["dim"], "momentum": 0.99},
+        "train": {"batch_size": p["batch"], "steps": p["steps"], "seed": seed, "out": str(out),
+                  "log_every": 10, "save_every": max(1, p["steps"] // 4), "resume": "auto",
+                  "progress": True},
+        "optim": {"lr": 0.8, "ref_batch": 128}}
+    return config.merge(config.merge(config.DEFAULTS, base), extra)
 
 
-def finetune_opts(data: Path, budget: dict, seed: int, init: Path | None, out: Path) -> dict:
+def finetune_opts(data: Path, budget: dict, seed: int, init: Path | None,
+                  out: Path) -> FinetuneConfig:
     m, f = budget["model"], budget["finetune"]
-    return {"data": str(data), "subsets": ["0001TP"], "prefix": "train_",
-            "eval_prefix": "test_", "init": str(init) if init else None, "scope": "all",
-            "freeze_backbone": False, "arch": m["arch"], "output_stride": 16,
-            "width": m["width"], "channels": m["channels"], "steps": f["steps"],
-            "batch_size": f["batch"], "lr": f["lr"], "crop": f["crop"], "scale": [0.4, 0.7],
-            "eval_scale": 0.5, "seed": seed, "out": str(out), "progress": True}
+    return FinetuneConfig(
+        data=str(data), out=str(out), subsets=["0001TP"], prefix="train_", eval_prefix="test_",
+        init=str(init) if init else None, arch=m["arch"], width=m["width"],
+        channels=m["channels"], steps=f["steps"], batch_size=f["batch"], lr=f["lr"],
+        crop=list(f["crop"]), seed=seed)
 
 
 def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
@@ -164,7 +174,7 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
            f"{lo['con_space']}; mix.prob {mx['prob']}, cutmix : mixup {mx['cutmix']} : "
            f"{mx['mixup']}, replace_view {mx['replace_view']}; U is pseudo-labelled, "
            f"{se['confidence']} >= {se['threshold']}, warm-up {se['warmup_steps']}): " + "; ".join(
-               f"{ARMS[a][0]}: {', '.join(ARMS[a][1]) or 'defaults'}" for a in results
+               f"{ARMS[a][0]}: {', '.join(_dotted(ARMS[a][1])) or 'defaults'}" for a in results
                if ARMS[a][1] is not None) + ".", ""]
     worse = [ARMS[a][0] for a, mu in zip(results, means) if a != "scratch" and mu <= 100 * base]
     if not math.isnan(base):
@@ -201,7 +211,8 @@ def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
     tr.fit(max_steps=1 + steps)
     pre = ((time.time() - w) / steps, (time.process_time() - c) / steps)
     b = dict(budget, finetune=dict(budget["finetune"], steps=steps))
-    opts = dict(finetune_opts(data, b, 0, None, root / "estimate-finetune"), progress=False)
+    opts = dataclasses.replace(finetune_opts(data, b, 0, None, root / "estimate-finetune"),
+                               progress=False)
     res = finetune(opts)
     fin = (res["seconds_per_step"], res["train_cpu_seconds"] / steps)
     model, _, _ = load_segnet(root / "estimate-finetune" / "model.pt")

@@ -8,9 +8,11 @@ constructor arguments), ``classes`` and the training options.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,73 @@ from .model import DeepLabV3Plus
 from .transforms import normalize
 
 ARCH_KEYS = ("arch", "output_stride", "width", "channels")
+
+
+def _opt(default, help: str, flag: str | None = None, **kw):
+    """A config field: its default, and its command-line help (and flag, when not
+    ``--<name>``)."""
+    make = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(
+        default=default)
+    return field(**make, metadata=dict(help=help, flag=flag, **kw))
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``finetune`` (and ``mdp-train finetune``, whose flags are made from these
+    fields) takes; the defaults live here only. ``arch``/``output_stride``/``width``/
+    ``channels`` are taken from ``init`` when it is an mdp_train checkpoint."""
+    data: str = _opt(None, "Folder-format dataset root", required=True)
+    out: str = _opt(None, "run folder (model.pt, result.json, eval.md)", required=True)
+    subsets: list | None = _opt(None, "sub-folders to train on (default: all)", nargs="*")
+    prefix: str | None = _opt(None, "train on images whose name starts with this (train_)")
+    eval_subsets: list | None = _opt(None, "evaluate on these sub-folders", nargs="*")
+    eval_prefix: str | None = _opt(None, "evaluate on images starting with this (test_)")
+    init: str | None = _opt(None, "pretraining/fine-tuning checkpoint or exported backbone "
+                            "(default: from scratch)")
+    scope: str = _opt("all", "what a checkpoint transfers: the whole DeepLab-v3+ or the "
+                      "ResNet", choices=("all", "backbone"))
+    freeze_backbone: bool = _opt(False, "fixed backbone (paper Table 6)")
+    arch: str = _opt("resnet18", "ResNet depth")
+    output_stride: int = _opt(16, "DeepLab-v3+ output stride")
+    width: int = _opt(64, "ResNet base width")
+    channels: int = _opt(256, "ASPP / decoder channels")
+    steps: int = _opt(1000, "SGD steps")
+    batch_size: int = _opt(8, "images per step")
+    lr: float = _opt(0.01, "learning rate (poly schedule, power 0.9)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "SGD weight decay")
+    crop: list = _opt([96, 128], "training crop", nargs=2, metavar=("H", "W"), type=int)
+    scale: list = _opt([0.4, 0.7], "random resize range while training", "--train-scale",
+                       nargs=2, metavar=("LO", "HI"), type=float)
+    eval_scale: float = _opt(0.5, "inference resize factor")
+    seed: int = _opt(0, "seed of the initialisation, crops and order")
+    progress: bool = _opt(True, "progress bar", "--no-progress")
+
+    @classmethod
+    def from_dict(cls, opts: dict) -> "FinetuneConfig":
+        """The defaults updated by ``opts``; an unknown key is a ``KeyError`` naming it."""
+        unknown = set(opts) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise KeyError(f"unknown fine-tuning options {sorted(unknown)}")
+        cfg = cls(**opts)
+        if cfg.data is None or cfg.out is None:
+            raise ValueError("fine-tuning needs data and out")
+        return cfg
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """One command-line flag per field, with its default and help."""
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            flag = meta.pop("flag", None) or "--" + f.name.replace("_", "-")
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if isinstance(default, bool):
+                action = "store_false" if default else "store_true"
+                parser.add_argument(flag, dest=f.name, action=action, help=meta["help"])
+                continue
+            if "type" not in meta and default is not None:
+                meta["type"] = type(default)
+            parser.add_argument(flag, dest=f.name, default=default, **meta)
 
 
 class SegNet(nn.Module):
@@ -167,43 +236,40 @@ def evaluate(model: SegNet, pairs, num_classes: int, scale: float = 1.0,
 
 
 # ------------------------------------------------------------------------------ training
-def finetune(opts: dict) -> dict:
+def finetune(cfg: FinetuneConfig | dict) -> dict:
     """Fine-tune and (when ``eval_prefix`` or ``eval_subsets`` is set) evaluate.
 
-    ``opts``: ``data`` (Folder root), ``subsets``, ``prefix`` (training split), ``init``,
-    ``scope``, ``freeze_backbone``, ``arch``/``output_stride``/``width``/``channels`` (taken
-    from ``init`` when it is an mdp_train checkpoint), ``steps``, ``batch_size``, ``lr``,
-    ``crop`` ``[h, w]``, ``scale`` ``[lo, hi]``, ``eval_scale``, ``seed``, ``out``,
-    ``progress``, ``eval_subsets``, ``eval_prefix``. Writes ``<out>/model.pt`` and
-    ``<out>/result.json``; returns the result dict.
+    ``cfg``: a :class:`FinetuneConfig`, or a dict of its fields (the rest take their
+    defaults). Writes ``<out>/model.pt`` and ``<out>/result.json``; returns the result dict.
     """
-    torch.manual_seed(opts["seed"])
-    out = Path(opts["out"])
+    cfg = cfg if isinstance(cfg, FinetuneConfig) else FinetuneConfig.from_dict(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = split_dataset(opts["data"], opts.get("subsets"), opts.get("prefix"))
+    ds = split_dataset(cfg.data, cfg.subsets, cfg.prefix)
     names = list(ds.classes)
-    arch = {k: opts[k] for k in ARCH_KEYS}
-    if opts.get("init"):
-        a = read_checkpoint(opts["init"])["arch"]
+    arch = {k: getattr(cfg, k) for k in ARCH_KEYS}
+    if cfg.init:
+        a = read_checkpoint(cfg.init)["arch"]
         arch = a if a is not None else arch
     model = SegNet(len(names), **arch)
-    how = initialise(model, opts.get("init"), opts.get("scope", "all"))
-    frozen = bool(opts.get("freeze_backbone"))
+    how = initialise(model, cfg.init, cfg.scope)
+    frozen = cfg.freeze_backbone
     if frozen:
         for p in model.net.backbone.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=opts["lr"], momentum=0.9, weight_decay=5e-4)
-    steps = opts["steps"]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    steps = cfg.steps
     # MMSegmentation's poly schedule: lr (1 - t / T)^0.9 (floor 1e-4 lr).
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: max(1e-4, (1 - t / steps) ** 0.9))
     data = preload(ds)
-    g = torch.Generator().manual_seed(opts["seed"])
-    crop, scale = tuple(opts["crop"]), tuple(opts["scale"])
-    bs = opts["batch_size"]
-    bar = tqdm(range(steps), desc="mdp-finetune", disable=not opts.get("progress", True),
-               dynamic_ncols=True)
+    g = torch.Generator().manual_seed(cfg.seed)
+    crop, scale = tuple(cfg.crop), tuple(cfg.scale)
+    bs = cfg.batch_size
+    bar = tqdm(range(steps), desc="mdp-finetune", disable=not cfg.progress, dynamic_ncols=True)
     losses, start, cpu = [], time.time(), time.process_time()
     order = torch.randperm(len(data), generator=g).tolist()
     for step in bar:
@@ -225,17 +291,16 @@ def finetune(opts: dict) -> dict:
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
     train_s, train_cpu = time.time() - start, time.process_time() - cpu
     torch.save({"kind": "finetune", "model": model.state_dict(), "arch": arch, "classes": names,
-                "options": {k: v for k, v in opts.items() if k != "progress"}},
+                "options": {k: v for k, v in dataclasses.asdict(cfg).items()
+                            if k != "progress"}},
                out / "model.pt")
     res = {"init": how, "frozen_backbone": frozen, "steps": steps, "train_seconds": train_s,
            "train_cpu_seconds": train_cpu,
            "seconds_per_step": train_s / max(1, steps), "first_loss": float(np.mean(losses[:10])),
            "last_loss": float(np.mean(losses[-10:])), "arch": arch, "classes": names}
-    if opts.get("eval_prefix") or opts.get("eval_subsets"):
-        test = split_dataset(opts["data"], opts.get("eval_subsets") or opts.get("subsets"),
-                             opts.get("eval_prefix"))
-        meter = evaluate(model, preload(test), len(names), opts["eval_scale"],
-                         opts.get("progress", True))
+    if cfg.eval_prefix or cfg.eval_subsets:
+        test = split_dataset(cfg.data, cfg.eval_subsets or cfg.subsets, cfg.eval_prefix)
+        meter = evaluate(model, preload(test), len(names), cfg.eval_scale, cfg.progress)
         res.update(miou=meter.miou(), acc=meter.accuracy(),
                    iou=[None if math.isnan(v) else v for v in meter.iou().tolist()],
                    images=len(test))
