@@ -148,6 +148,24 @@ class Kernel:
                              f"{kwargs['BLOCK_D']} for {dtype}")
         return keep
 
+    def chunks(self, batch: int, pixels: int, num_classes: int) -> int:
+        """Pixel chunks per image for this class-tile reduction kernel (``chunks``), counted
+        with its largest class tile (the pinned one under ``config.triton_meta``), so the GPU
+        fills whichever config autotune picks."""
+        forced = (config.triton_meta or {}).get("BLOCK_C")
+        tile = forced or max(c.kwargs["BLOCK_C"] for c in self.configs)
+        return chunks(batch, pixels, triton.cdiv(num_classes, tile))
+
+    def reduce_classes(self, batch: int, pixels: int, num_classes: int, dim: int, dtype,
+                       device, launch: Callable) -> torch.Tensor:
+        """A (C, D) reduction over pixels without float atomics: ``launch(part, chunk, n)``
+        runs this kernel with ``n`` chunks of ``chunk`` pixels per image, each program
+        writing its slice of ``part`` (B n, C, D), which is then summed in a fixed order."""
+        n = self.chunks(batch, pixels, num_classes)
+        part = torch.empty(batch * n, num_classes, dim, dtype=dtype, device=device)
+        launch(part, triton.cdiv(pixels, n), n)
+        return part.sum(0)
+
     def __getitem__(self, grid):
         forced = config.triton_meta
         if forced:

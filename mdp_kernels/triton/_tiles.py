@@ -87,3 +87,22 @@ def lse_update(m, s, z):
 def count(mask):
     """Number of True entries of a 1-D mask (an int32 scalar)."""
     return tl.sum(mask.to(tl.int32), 0)
+
+
+@triton.jit
+def chunk_of(P, chunk, n_chunks):
+    """(image b, first pixel, end pixel) of this program's pixel chunk (program axis 1 runs
+    over B x n_chunks): the pixel range a class-tile reduction program owns."""
+    split = tl.program_id(1)
+    start = (split % n_chunks) * chunk
+    return split // n_chunks, start, tl.minimum(start + chunk, P)
+
+
+@triton.jit
+def store_partial(part_ptr, acc, c, C, D, BLOCK_D: tl.constexpr):
+    """This program's (BLOCK_C, BLOCK_D) share of a (C, D) reduction into its own slice of
+    the (B x n_chunks, C, D) partial buffer (summed in a fixed order afterwards)."""
+    d = tl.arange(0, BLOCK_D)
+    ptrs = (part_ptr + tl.program_id(1).to(tl.int64) * C * D + c.to(tl.int64)[:, None] * D
+            + d[None, :])
+    tl.store(ptrs, acc, mask=(c < C)[:, None] & (d < D)[None, :])

@@ -15,8 +15,9 @@ import triton.language as tl
 
 from ..config import config
 from ..layout import acc_dtype
-from ._launch import SMALL, Kernel, block_d, chunks, grid_configs, precision
-from ._tiles import count, load_protos_t, load_rows, logits, mm, store_rows
+from ._launch import SMALL, Kernel, block_d, grid_configs, precision
+from ._tiles import (chunk_of, count, load_protos_t, load_rows, logits, mm, store_partial,
+                     store_rows)
 
 
 @triton.jit
@@ -82,10 +83,7 @@ def _ce_bwd_protos(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_p
                    HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    b = split // n_chunks
-    start = (split % n_chunks) * chunk
-    end = tl.minimum(start + chunk, P)
+    b, start, end = chunk_of(P, chunk, n_chunks)
     pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
     acc = tl.zeros((BLOCK_C, BLOCK_D), lse_ptr.dtype.element_ty)
     for p0 in range(start, end, BLOCK_P):
@@ -98,9 +96,7 @@ def _ce_bwd_protos(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_p
             z = logits(f, pt, c, C, bias_ptr, scale, HAS_BIAS, PREC)
             dz = _dz(z, c, lse, g_lse, ta, g_za, tb, g_zb, scale, HAS_TB).to(f.dtype)
             acc += mm(tl.trans(dz), f, PREC)
-    d = tl.arange(0, BLOCK_D)
-    ptrs = part_ptr + split.to(tl.int64) * C * D + c.to(tl.int64)[:, None] * D + d[None, :]
-    tl.store(ptrs, acc, mask=(c < C)[:, None] & (d < D)[None, :])
+    store_partial(part_ptr, acc, c, C, D, BLOCK_D)
 
 
 _INTERP = dict(BLOCK_P=64, BLOCK_C=64)
@@ -147,11 +143,9 @@ def ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats,
             *feats.stride(), *out.stride(), scale, NEED_F=need_feats, ATOMIC=dp is not None,
             **flags)
     if need_protos and dp is None:
-        n = chunks(bsz, npx, triton.cdiv(c, 64))
-        chunk = triton.cdiv(npx, n)
-        part = torch.empty(bsz * n, c, d, dtype=acc, device=feats.device)
-        _protos[lambda m: (triton.cdiv(c, m["BLOCK_C"]), bsz * n)](
-            feats, protos, ta, tb_, bias_, lse, *g, part, npx, c, d, *feats.stride(), scale,
-            chunk, n, **flags)
-        dp = part.sum(0)
+        def launch(part, chunk, n):
+            _protos[lambda m: (triton.cdiv(c, m["BLOCK_C"]), bsz * n)](
+                feats, protos, ta, tb_, bias_, lse, *g, part, npx, c, d, *feats.stride(),
+                scale, chunk, n, **flags)
+        dp = _protos.reduce_classes(bsz, npx, c, d, acc, protos.device, launch)
     return df, None if dp is None else dp.to(protos.dtype)

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ..layout import acc_dtype
-from ._launch import Kernel, block_d, chunks, grid_configs, precision
-from ._tiles import count, load_rows, mm, store_rows
+from ._launch import Kernel, block_d, grid_configs, precision
+from ._tiles import chunk_of, count, load_rows, mm, store_rows
 
 
 @triton.jit
@@ -23,9 +23,7 @@ def _class_sums(f_ptr, t_ptr, sums_ptr, counts_ptr, P, C, D, sfb, sfd, sfp, chun
     c0 = tl.program_id(0) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)  # b * n_chunks + chunk
-    b = split // n_chunks
-    start = (split % n_chunks) * chunk
-    end = tl.minimum(start + chunk, P)
+    b, start, end = chunk_of(P, chunk, n_chunks)
     acc = tl.zeros((BLOCK_C, BLOCK_D), sums_ptr.dtype.element_ty)
     n = tl.zeros((BLOCK_C,), tl.int32)
     for p0 in range(start, end, BLOCK_P):
@@ -79,7 +77,7 @@ def class_sums(feats, targets, num_classes):
     if bsz * npx == 0:
         return (torch.zeros(bsz, num_classes, d, dtype=acc, device=feats.device),
                 torch.zeros(bsz, num_classes, dtype=torch.int64, device=feats.device))
-    n = chunks(bsz, npx, triton.cdiv(num_classes, 64))
+    n = _fwd.chunks(bsz, npx, num_classes)
     sums = torch.empty(bsz, n, num_classes, d, dtype=acc, device=feats.device)
     counts = torch.empty(bsz, n, num_classes, dtype=torch.int32, device=feats.device)
     _fwd[lambda m: (triton.cdiv(num_classes, m["BLOCK_C"]), bsz * n)](

@@ -10,8 +10,9 @@ import triton.language as tl
 
 from ..config import config
 from ..layout import acc_dtype
-from ._launch import SMALL, Kernel, block_d, chunks, grid_configs, precision
-from ._tiles import count, load_protos_t, load_rows, logits, mm, store_rows
+from ._launch import SMALL, Kernel, block_d, grid_configs, precision
+from ._tiles import (chunk_of, count, load_protos_t, load_rows, logits, mm, store_partial,
+                     store_rows)
 
 
 @triton.jit
@@ -72,10 +73,7 @@ def _con_bwd_protos(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g
                     PREC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(1)
-    b = split // n_chunks
-    start = (split % n_chunks) * chunk
-    end = tl.minimum(start + chunk, P)
+    b, start, end = chunk_of(P, chunk, n_chunks)
     pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
     acc = tl.zeros((BLOCK_C, BLOCK_D), lss_ptr.dtype.element_ty)
     for p0 in range(start, end, BLOCK_P):
@@ -89,9 +87,7 @@ def _con_bwd_protos(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g
             dz = _dz(fs, ft, pt, c, C, bias_ptr, lse_s, lse_t, g, scale_s, scale_t,
                      HAS_BIAS, PREC).to(fs.dtype)
             acc += mm(tl.trans(dz), fs, PREC)
-    d = tl.arange(0, BLOCK_D)
-    ptrs = part_ptr + split.to(tl.int64) * C * D + c.to(tl.int64)[:, None] * D + d[None, :]
-    tl.store(ptrs, acc, mask=(c < C)[:, None] & (d < D)[None, :])
+    store_partial(part_ptr, acc, c, C, D, BLOCK_D)
 
 
 _INTERP = dict(BLOCK_P=64, BLOCK_C=64)
@@ -137,10 +133,9 @@ def con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau
             *common, out, sink, npx, c, d, *student.stride(), *teacher.stride(),
             *out.stride(), *scales, NEED_F=need_feats, ATOMIC=dp is not None, **flags)
     if need_protos and dp is None:
-        n = chunks(bsz, npx, triton.cdiv(c, 64))
-        part = torch.empty(bsz * n, c, d, dtype=acc, device=student.device)
-        _protos[lambda m: (triton.cdiv(c, m["BLOCK_C"]), bsz * n)](
-            *common, part, npx, c, d, *student.stride(), *teacher.stride(), *scales,
-            triton.cdiv(npx, n), n, **flags)
-        dp = part.sum(0)
+        def launch(part, chunk, n):
+            _protos[lambda m: (triton.cdiv(c, m["BLOCK_C"]), bsz * n)](
+                *common, part, npx, c, d, *student.stride(), *teacher.stride(), *scales,
+                chunk, n, **flags)
+        dp = _protos.reduce_classes(bsz, npx, c, d, acc, protos.device, launch)
     return ds, None if dp is None else dp.to(protos.dtype)
