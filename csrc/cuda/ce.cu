@@ -187,21 +187,9 @@ ce_dfeats_kernel(Feats<T> f, bool pix_fast, int64_t N, int64_t D, const T* proto
       }
       __syncthreads();  // also publishes dz
       A acc[M][M];
-#pragma unroll
-      for (int i = 0; i < M; ++i)
-#pragma unroll
-        for (int j = 0; j < M; ++j) acc[i][j] = A(0);
-      for (int c = 0; c < TL; ++c) {
-        A a[M], b[M];
-#pragma unroll
-        for (int i = 0; i < M; ++i) a[i] = sm.dz[tx + 16 * i][c];
-#pragma unroll
-        for (int j = 0; j < M; ++j) b[j] = sm.op[c][ty + 16 * j];
-#pragma unroll
-        for (int i = 0; i < M; ++i)
-#pragma unroll
-          for (int j = 0; j < M; ++j) acc[i][j] += a[i] * b[j];
-      }
+      zero(acc);
+      mma_regs<TL>(acc, [&](int c, int i) { return sm.dz[tx + 16 * i][c]; },
+                   [&](int c, int j) { return sm.op[c][ty + 16 * j]; });
 #pragma unroll
       for (int i = 0; i < M; ++i)
 #pragma unroll
@@ -247,21 +235,9 @@ ce_dprotos_kernel(Feats<T> f, bool pix_fast, int64_t N, int64_t D, const T* prot
       }
       __syncthreads();
       A acc[M][M];  // class c0 + ty + 16 i, channel d0 + tx + 16 j
-#pragma unroll
-      for (int i = 0; i < M; ++i)
-#pragma unroll
-        for (int j = 0; j < M; ++j) acc[i][j] = A(0);
-      for (int r = 0; r < TL; ++r) {
-        A a[M], b[M];
-#pragma unroll
-        for (int i = 0; i < M; ++i) a[i] = sm.dz[r][ty + 16 * i];
-#pragma unroll
-        for (int j = 0; j < M; ++j) b[j] = sm.op[r][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < M; ++i)
-#pragma unroll
-          for (int j = 0; j < M; ++j) acc[i][j] += a[i] * b[j];
-      }
+      zero(acc);
+      mma_regs<TL>(acc, [&](int r, int i) { return sm.dz[r][ty + 16 * i]; },
+                   [&](int r, int j) { return sm.op[r][tx + 16 * j]; });
 #pragma unroll
       for (int i = 0; i < M; ++i)
 #pragma unroll

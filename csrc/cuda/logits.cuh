@@ -27,16 +27,40 @@ __device__ __forceinline__ double ex(double x) { return ::exp(x); }
 __device__ __forceinline__ float ln(float x) { return logf(x); }
 __device__ __forceinline__ double ln(double x) { return ::log(x); }
 
+// acc[i][j] += sum_{k < K} a(k, i) * b(k, j), i, j < M: the register micro-GEMM of every
+// tile product (logits, dz @ P, dz^T @ F). Each thread loads its M values of a and of b per
+// step (from shared memory) and does M x M fused multiply-adds; k runs in order.
+template <int K, typename A, int M, typename LoadA, typename LoadB>
+__device__ __forceinline__ void mma_regs(A (&acc)[M][M], LoadA a_at, LoadB b_at) {
+#pragma unroll 16
+  for (int k = 0; k < K; ++k) {
+    A a[M], b[M];
+#pragma unroll
+    for (int i = 0; i < M; ++i) a[i] = a_at(k, i);
+#pragma unroll
+    for (int j = 0; j < M; ++j) b[j] = b_at(k, j);
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+      for (int j = 0; j < M; ++j) acc[i][j] += a[i] * b[j];
+  }
+}
+
+template <typename A, int M>
+__device__ __forceinline__ void zero(A (&acc)[M][M]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i)
+#pragma unroll
+    for (int j = 0; j < M; ++j) acc[i][j] = A(0);
+}
+
 template <typename T, typename A, int TL>
 __device__ __forceinline__ void dot_tile(const Feats<T>& f, bool pix_fast, int64_t N, int64_t D,
                                          const T* protos, int64_t C, int64_t g0, int64_t c0,
                                          DotSmem<A, TL>& sm, A (&acc)[TL / 16][TL / 16]) {
   constexpr int M = TL / 16, LOADS = kChunk * TL / kThreads;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-#pragma unroll
-  for (int i = 0; i < M; ++i)
-#pragma unroll
-    for (int j = 0; j < M; ++j) acc[i][j] = A(0);
+  zero(acc);
   // The (channel, pixel) slots this thread stages, and the pixels' offsets.
   int kk[LOADS], pp[LOADS];
   int64_t off[LOADS];
@@ -56,18 +80,8 @@ __device__ __forceinline__ void dot_tile(const Feats<T>& f, bool pix_fast, int64
       sm.p[k][c] = c0 + c < C && d0 + k < D ? static_cast<A>(protos[(c0 + c) * D + d0 + k]) : A(0);
     }
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kChunk; ++k) {
-      A a[M], b[M];
-#pragma unroll
-      for (int i = 0; i < M; ++i) a[i] = sm.f[k][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < M; ++j) b[j] = sm.p[k][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < M; ++i)
-#pragma unroll
-        for (int j = 0; j < M; ++j) acc[i][j] += a[i] * b[j];
-    }
+    mma_regs<kChunk>(acc, [&](int k, int i) { return sm.f[k][ty + 16 * i]; },
+                     [&](int k, int j) { return sm.p[k][tx + 16 * j]; });
     __syncthreads();
   }
 }
