@@ -18,7 +18,7 @@ def _data_args(p: argparse.ArgumentParser, prefix_help: str) -> None:
     p.add_argument("--scale", type=float, default=0.5, help="inference resize factor")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mdp-train", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="MDP pretraining (also under torchrun)")
@@ -52,50 +52,70 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--perplexity", type=float, default=30.0)
     v.add_argument("--iters", type=int, default=750)
     v.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap
 
-    if args.cmd == "demo":
-        from .demo import main as demo
-        demo(args.seconds, args.out, steps=args.steps)
-    elif args.cmd == "finetune":
-        from .finetune import finetune
-        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        res = finetune(FinetuneConfig.from_dict(
-            {k: v for k, v in vars(args).items() if k in names}))
-        print(f"{res['init']}; {res['steps']} steps, {res['seconds_per_step']:.2f} s/step, "
-              f"loss {res['first_loss']:.3f} -> {res['last_loss']:.3f}")
-        if "miou" in res:
-            print(f"mIoU {100 * res['miou']:.2f} (per class: {args.out}/eval.md)")
-    elif args.cmd == "eval":
-        from .finetune import evaluate, load_segnet, preload, split_dataset
-        model, names, _ = load_segnet(args.checkpoint)
-        ds = split_dataset(args.data, args.subsets, args.prefix)
-        if list(ds.classes) != names:
-            raise SystemExit(f"the model predicts {names}, the dataset has {list(ds.classes)}")
-        meter = evaluate(model, preload(ds), len(names), args.scale)
-        print(f"{len(ds)} images\n{meter.table(names)}")
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"miou": meter.miou(), "acc": meter.accuracy(),
-                           "iou": dict(zip(names, meter.iou().tolist()))}, fh, indent=1)
-    elif args.cmd == "export":
-        from .finetune import export_backbone
-        sd = export_backbone(args.checkpoint, args.out)
-        print(f"wrote {len(sd)} tensors ({sum(v.numel() for v in sd.values()):,} values) "
-              f"to {args.out}")
-    elif args.cmd == "visualize":
-        from .visualize import visualize
-        for path in visualize(args.checkpoint, args.data, args.out, args.subsets, args.prefix,
-                              args.points, args.images, args.scale, args.seed, args.perplexity,
-                              args.iters):
-            print(f"wrote {path}")
-    else:
-        from .trainer import Trainer
-        trainer = Trainer(config.load(args.config, args.overrides))
-        if trainer.rank == 0:
-            print(f"{len(trainer.data)} images, {trainer.space.num_classes} classes "
-                  f"({', '.join(f'{n}@{o}' for n, o in zip(trainer.space.dataset_names, trainer.space.offsets))}), "
-                  f"{trainer.world} rank(s), step {trainer.step}/{trainer.total}, lr {trainer.lr:g}")
-        trainer.fit()
-        if trainer.rank == 0:
-            print(trainer.summary())
+
+def _pretrain(args) -> None:
+    from .trainer import Trainer
+    trainer = Trainer(config.load(args.config, args.overrides))
+    if trainer.rank == 0:
+        space = trainer.space
+        sets = ", ".join(f"{n}@{o}" for n, o in zip(space.dataset_names, space.offsets))
+        print(f"{len(trainer.data)} images, {space.num_classes} classes ({sets}), "
+              f"{trainer.world} rank(s), step {trainer.step}/{trainer.total}, lr {trainer.lr:g}")
+    trainer.fit()
+    if trainer.rank == 0:
+        print(trainer.summary())
+
+
+def _demo(args) -> None:
+    from .demo import main as demo
+    demo(args.seconds, args.out, steps=args.steps)
+
+
+def _finetune(args) -> None:
+    from .finetune import finetune
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    res = finetune(FinetuneConfig.from_dict({k: v for k, v in vars(args).items() if k in names}))
+    print(f"{res['init']}; {res['steps']} steps, {res['seconds_per_step']:.2f} s/step, "
+          f"loss {res['first_loss']:.3f} -> {res['last_loss']:.3f}")
+    if "miou" in res:
+        print(f"mIoU {100 * res['miou']:.2f} (per class: {args.out}/eval.md)")
+
+
+def _eval(args) -> None:
+    from .finetune import evaluate, load_segnet, preload, split_dataset
+    model, names, _ = load_segnet(args.checkpoint)
+    ds = split_dataset(args.data, args.subsets, args.prefix)
+    if list(ds.classes) != names:
+        raise SystemExit(f"the model predicts {names}, the dataset has {list(ds.classes)}")
+    meter = evaluate(model, preload(ds), len(names), args.scale)
+    print(f"{len(ds)} images\n{meter.table(names)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"miou": meter.miou(), "acc": meter.accuracy(),
+                       "iou": dict(zip(names, meter.iou().tolist()))}, fh, indent=1)
+
+
+def _export(args) -> None:
+    from .finetune import export_backbone
+    sd = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {len(sd)} tensors ({sum(v.numel() for v in sd.values()):,} values) "
+          f"to {args.out}")
+
+
+def _visualize(args) -> None:
+    from .visualize import visualize
+    for path in visualize(args.checkpoint, args.data, args.out, args.subsets, args.prefix,
+                          args.points, args.images, args.scale, args.seed, args.perplexity,
+                          args.iters):
+        print(f"wrote {path}")
+
+
+COMMANDS = {"pretrain": _pretrain, "demo": _demo, "finetune": _finetune, "eval": _eval,
+            "export": _export, "visualize": _visualize}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    COMMANDS[args.cmd](args)

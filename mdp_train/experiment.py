@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
+from . import config, files
 from .finetune import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,11 +121,11 @@ def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
         else:
             Trainer(pretrain_config(data, arm, budget, ps, pre)).fit()
             pre_s = time.time() - t0
-            (pre / "done.json").write_text(json.dumps({"seconds": pre_s}) + "\n")
+            files.write_text(pre / "done.json", json.dumps({"seconds": pre_s}) + "\n")
     res = finetune(finetune_opts(data, budget, seed, init, run))
     res["pretrain_seconds"] = pre_s
     res["wall_seconds"] = time.time() - t0  # this call: new pretraining (if any) + fine-tuning
-    (run / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+    files.write_text(run / "result.json", json.dumps(res, indent=1) + "\n")
     return res
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import files
 from .datasets import IGNORE, Folder
 from .metrics import IoUMeter
 from .model import DeepLabV3Plus
@@ -236,48 +237,41 @@ def evaluate(model: SegNet, pairs, num_classes: int, scale: float = 1.0,
 
 
 # ------------------------------------------------------------------------------ training
-def finetune(cfg: FinetuneConfig | dict) -> dict:
-    """Fine-tune and (when ``eval_prefix`` or ``eval_subsets`` is set) evaluate.
-
-    ``cfg``: a :class:`FinetuneConfig`, or a dict of its fields (the rest take their
-    defaults). Writes ``<out>/model.pt`` and ``<out>/result.json``; returns the result dict.
-    """
-    cfg = cfg if isinstance(cfg, FinetuneConfig) else FinetuneConfig.from_dict(cfg)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ds = split_dataset(cfg.data, cfg.subsets, cfg.prefix)
-    names = list(ds.classes)
+def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[SegNet, dict, str]:
+    """The network, its architecture (taken from ``cfg.init`` when that is an mdp_train
+    checkpoint) and how it was initialised; a frozen backbone gets no gradient."""
     arch = {k: getattr(cfg, k) for k in ARCH_KEYS}
     if cfg.init:
         a = read_checkpoint(cfg.init)["arch"]
         arch = a if a is not None else arch
-    model = SegNet(len(names), **arch)
+    model = SegNet(num_classes, **arch)
     how = initialise(model, cfg.init, cfg.scope)
-    frozen = cfg.freeze_backbone
-    if frozen:
+    if cfg.freeze_backbone:
         for p in model.net.backbone.parameters():
             p.requires_grad_(False)
+    return model, arch, how
+
+
+def train(model: SegNet, data: list, cfg: FinetuneConfig) -> list[float]:
+    """SGD with MMSegmentation's poly schedule, lr (1 - t / T)^0.9 (floor 1e-4 lr), on random
+    crops of ``data``; the per-step losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
-    steps = cfg.steps
-    # MMSegmentation's poly schedule: lr (1 - t / T)^0.9 (floor 1e-4 lr).
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: max(1e-4, (1 - t / steps) ** 0.9))
-    data = preload(ds)
+        opt, lambda t: max(1e-4, (1 - t / cfg.steps) ** 0.9))
     g = torch.Generator().manual_seed(cfg.seed)
     crop, scale = tuple(cfg.crop), tuple(cfg.scale)
-    bs = cfg.batch_size
-    bar = tqdm(range(steps), desc="mdp-finetune", disable=not cfg.progress, dynamic_ncols=True)
-    losses, start, cpu = [], time.time(), time.process_time()
+    bar = tqdm(range(cfg.steps), desc="mdp-finetune", disable=not cfg.progress,
+               dynamic_ncols=True)
+    losses = []
     order = torch.randperm(len(data), generator=g).tolist()
-    for step in bar:
+    for _ in bar:
         model.train()
-        if frozen:  # a fixed backbone keeps its BN statistics too
+        if cfg.freeze_backbone:  # a fixed backbone keeps its BN statistics too
             model.net.backbone.eval()
         idx = []
-        while len(idx) < bs:
+        while len(idx) < cfg.batch_size:
             if not order:
                 order = torch.randperm(len(data), generator=g).tolist()
             idx.append(order.pop())
@@ -289,23 +283,41 @@ def finetune(cfg: FinetuneConfig | dict) -> dict:
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+    return losses
+
+
+def finetune(cfg: FinetuneConfig | dict) -> dict:
+    """Fine-tune and (when ``eval_prefix`` or ``eval_subsets`` is set) evaluate.
+
+    ``cfg``: a :class:`FinetuneConfig`, or a dict of its fields (the rest take their
+    defaults). Writes ``<out>/model.pt`` and ``<out>/result.json`` (atomically, the result
+    last); returns the result dict.
+    """
+    cfg = cfg if isinstance(cfg, FinetuneConfig) else FinetuneConfig.from_dict(cfg)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    ds = split_dataset(cfg.data, cfg.subsets, cfg.prefix)
+    names = list(ds.classes)
+    model, arch, how = build_model(cfg, len(names))
+    start, cpu = time.time(), time.process_time()
+    losses = train(model, preload(ds), cfg)
     train_s, train_cpu = time.time() - start, time.process_time() - cpu
-    torch.save({"kind": "finetune", "model": model.state_dict(), "arch": arch, "classes": names,
+    files.save({"kind": "finetune", "model": model.state_dict(), "arch": arch, "classes": names,
                 "options": {k: v for k, v in dataclasses.asdict(cfg).items()
-                            if k != "progress"}},
-               out / "model.pt")
-    res = {"init": how, "frozen_backbone": frozen, "steps": steps, "train_seconds": train_s,
-           "train_cpu_seconds": train_cpu,
-           "seconds_per_step": train_s / max(1, steps), "first_loss": float(np.mean(losses[:10])),
-           "last_loss": float(np.mean(losses[-10:])), "arch": arch, "classes": names}
+                            if k != "progress"}}, out / "model.pt")
+    res = {"init": how, "frozen_backbone": cfg.freeze_backbone, "steps": cfg.steps,
+           "train_seconds": train_s, "train_cpu_seconds": train_cpu,
+           "seconds_per_step": train_s / max(1, cfg.steps),
+           "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
+           "arch": arch, "classes": names}
     if cfg.eval_prefix or cfg.eval_subsets:
         test = split_dataset(cfg.data, cfg.eval_subsets or cfg.subsets, cfg.eval_prefix)
         meter = evaluate(model, preload(test), len(names), cfg.eval_scale, cfg.progress)
         res.update(miou=meter.miou(), acc=meter.accuracy(),
                    iou=[None if math.isnan(v) else v for v in meter.iou().tolist()],
                    images=len(test))
-        (out / "eval.md").write_text(meter.table(names) + "\n")
-    (out / "result.json").write_text(json.dumps(res, indent=1) + "\n")
+        files.write_text(out / "eval.md", meter.table(names) + "\n")
+    files.write_text(out / "result.json", json.dumps(res, indent=1) + "\n")
     return res
 
 
@@ -324,7 +336,6 @@ def export_backbone(src: str | Path, dst: str | Path) -> dict[str, Tensor]:
     with ``strict=True`` into a torchvision ResNet without ``fc``). Returns it."""
     state = backbone_state(read_checkpoint(src))
     sd = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, dst)
+    files.save(sd, dst)
     return sd
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import mdp_kernels as mk
 
+from . import files
 from .data import HiddenLabels, PretrainData, StepSampler, held_out
 from .datasets import build_dataset
 from .labels import LabelSpace
@@ -274,12 +275,10 @@ class Trainer:
             torch.cuda.set_rng_state_all([r.to("cpu", torch.uint8) for r in rng["cuda"]])
 
     def save(self) -> Path:
-        """Atomic checkpoint (temp file + ``os.replace``) by rank 0."""
+        """Atomic checkpoint (``files.save``) by rank 0."""
         path = self.out / "checkpoint.pt"
         if self.rank == 0:
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
+            files.save(self.state_dict(), path)
         return path
 
     def _maybe_resume(self, resume) -> None:
