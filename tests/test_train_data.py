@@ -13,7 +13,7 @@ from mdp_train.datasets import (ADE20K, COCOStuff, Cityscapes, DataError, Folder
                                 VOC, read_label)
 from mdp_train.labels import LabelSpace
 
-CAMVID = Path("/work/shared/data/camvid")
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"  # beside the repo
 
 
 def _raw(path):
