@@ -9,6 +9,8 @@ float32 or better and losses come back as float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -181,6 +183,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
                             tau: float | Tensor = 0.07, ignore_index: int = -100,
                             class_mask: Tensor | None = None, labels_b: Tensor | None = None,
                             lam: float | Tensor | None = None, reduction: str = "mean",
+                            weight: Tensor | None = None, label_smoothing: float = 0.0,
                             check_finite: bool = True, backend: str = "auto") -> Tensor:
     r"""Pixel-to-prototype contrastive loss (paper Eq. 3) with pixel-level mixing (Eq. 6).
 
@@ -206,6 +209,14 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
             for a scalar ``lam``. A mean over no pixels is 0 with zero gradient.
             ``"sum"``: the sum of the per-pixel terms. ``"none"``: per pixel, shape of
             ``labels`` (an invalid target contributes 0).
+        weight: optional ``(C,)`` non-negative class weights, as ``F.cross_entropy(weight=)``:
+            a pixel's term is scaled by its target's weight and ``"mean"`` divides by the sum
+            of the valid targets' weights (0 when that sum is 0). With mixing each of the
+            two terms uses its own target's weight and its own normaliser. No gradient.
+        label_smoothing: in [0, 1], as ``F.cross_entropy(label_smoothing=)`` (with
+            ``weight``, PyTorch's weighted form). With ``class_mask`` the uniform part spreads
+            over the allowed classes only. Computed from the kernels' logsumexp and
+            ``f_i . sum_k w_k P_k / tau`` (no extra pass over classes).
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
             read; turn off for speed).
         @COMMON
@@ -251,17 +262,23 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     if labels_b is not None:
         V.check_feats_labels(feats, labels_b, lname="labels_b")
         V.check_lam(lam, feats.shape[0] if feats.dim() > 2 else 1, feats.device)
+    V.check_class_weight(weight, c, feats.device)
+    V.check_label_smoothing(label_smoothing)
     name = dispatch.resolve(("ce_fwd", "ce_bwd"), backend, feats.device)
     tokens = _tau_tokens(tau=tau)
     if isinstance(lam, Tensor):
         tokens.append(checks.check_range(lam.detach(), "lam", 0.0, 1.0, False, False))
+    if weight is not None:
+        tokens.append(checks.check_range(weight, "weight", 0.0, math.inf, False, True))
     if name == "reference":
         ta = checks.targets(labels, None, c, ignore_index)
         tb = None if labels_b is None else checks.targets(labels_b, None, c, ignore_index)
         tokens += _finite_tokens(check_finite, feats=feats, prototypes=prototypes)
-        return _plus(reference.prototype_contrast_loss(feats, prototypes, ta, tau, -1,
-                                                       class_mask, tb, lam, reduction), tokens)
+        return _plus(reference.prototype_contrast_loss(
+            feats, prototypes, ta, tau, -1, class_mask, tb, lam, reduction, weight,
+            label_smoothing), tokens)
     checks.forbid_transforms("prototype_contrast_loss", name, feats, prototypes, tau)
+    feats0, protos0 = feats, prototypes  # before _carry_tau_grad: the smoothing term's inputs
     protos, feats = _carry_tau_grad(tau, prototypes, feats)
     ta = checks.targets(as_bp(labels), class_mask, c, ignore_index)
     tb = (None if labels_b is None
@@ -269,13 +286,42 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask),
                                 _tau_arg(tau), name, check_finite,
                                 _saved("ce", name, feats, protos))
-    va = ta >= 0
-    la = torch.where(va, lse - za, 0.0)
+    term = _ce_terms(lse, feats0, protos0, tau, class_mask, weight, label_smoothing)
+    la, na = term(ta, za)
     if tb is None:
-        return _plus(reduce(la, va.sum(), reduction, labels.shape), tokens)
-    vb = tb >= 0
-    lb = torch.where(vb, lse - zb, 0.0)
-    return _plus(mix_reduce(la, va, lb, vb, lam, reduction, labels.shape), tokens)
+        return _plus(reduce(la, na, reduction, labels.shape), tokens)
+    lb, nb = term(tb, zb)
+    return _plus(mix_reduce(la, na, lb, nb, lam, reduction, labels.shape), tokens)
+
+
+def _ce_terms(lse: Tensor, feats: Tensor, protos: Tensor, tau, class_mask: Tensor | None,
+              weight: Tensor | None, eps: float):
+    """``term(targets, target_logits) -> (per-pixel loss, normaliser)`` of one target from
+    the kernel's outputs. Label smoothing's uniform part, ``sum_k w_k (lse_i - z_ik)`` over
+    the allowed classes, is ``W lse_i - f_i . Q / tau`` with ``Q = sum_k w_k P_k``: one
+    O(N D) product, no pass over classes."""
+    smooth = None
+    if eps:
+        allowed = (torch.ones(protos.shape[0], dtype=torch.bool, device=protos.device)
+                   if class_mask is None else class_mask)
+        wk = allowed.to(lse.dtype) if weight is None else weight.to(lse.dtype) * allowed
+        low = feats.dtype in (torch.bfloat16, torch.float16)  # a GEMV in the input dtype
+        q = wk @ protos.to(lse.dtype)
+        fq = torch.einsum("bdp,d->bp", as_bdp(feats), q.to(feats.dtype) if low else q)
+        smooth = (wk.sum() * lse - fq.to(lse.dtype) / tau) / allowed.sum().clamp(min=1)
+
+    def term(t: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
+        valid = t >= 0
+        per = lse - zt
+        if weight is None:
+            norm = valid.sum()
+        else:
+            wt = weight.to(lse.dtype)[t.clamp(min=0)]
+            per, norm = wt * per, torch.where(valid, wt, 0.0).sum()
+        if eps:
+            per = (1 - eps) * per + eps * smooth
+        return torch.where(valid, per, 0.0), norm
+    return term
 
 
 @_shared_doc

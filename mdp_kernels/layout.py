@@ -27,23 +27,30 @@ def spatial(x: Tensor) -> torch.Size:
     return x.shape[:1] + x.shape[2:]
 
 
-def reduce(per_pixel: Tensor, count: Tensor, reduction: str, shape) -> Tensor:
-    """``"none"``: ``per_pixel`` in ``shape``; ``"sum"``; ``"mean"``: the sum over ``count``
-    pixels (0 when there are none)."""
+def safe_mean(total: Tensor, norm: Tensor) -> Tensor:
+    """``total / norm``, and 0 with a zero gradient where ``norm`` is 0 (a mean over no
+    pixels, or over pixels whose targets all weigh 0)."""
+    some = norm > 0
+    return torch.where(some, total, 0.0) / torch.where(some, norm, 1)
+
+
+def reduce(per_pixel: Tensor, norm: Tensor, reduction: str, shape) -> Tensor:
+    """``"none"``: ``per_pixel`` in ``shape``; ``"sum"``; ``"mean"``: the sum over ``norm``
+    (the pixel count, or the summed target weights)."""
     if reduction == "none":
         return per_pixel.reshape(shape)
     total = per_pixel.sum()
-    return total if reduction == "sum" else total / count.clamp(min=1)
+    return total if reduction == "sum" else safe_mean(total, norm)
 
 
-def mix_reduce(la: Tensor, valid_a: Tensor, lb: Tensor, valid_b: Tensor, lam,
-               reduction: str, shape) -> Tensor:
-    """Eq. 6: lam_i * l(i, a_i) + (1 - lam_i) * l(i, b_i); "mean" averages each term over its
-    own valid pixels, as two ``cross_entropy(..., ignore_index)`` calls would."""
+def mix_reduce(la: Tensor, na: Tensor, lb: Tensor, nb: Tensor, lam, reduction: str,
+               shape) -> Tensor:
+    """Eq. 6: lam_i * l(i, a_i) + (1 - lam_i) * l(i, b_i); "mean" divides each term by its
+    own normaliser, as two ``cross_entropy(..., ignore_index)`` calls would."""
     lam_px = torch.as_tensor(lam, dtype=la.dtype, device=la.device).reshape(-1, 1)
     wa, wb = lam_px * la, (1 - lam_px) * lb
     if reduction == "none":
         return (wa + wb).reshape(shape)
     if reduction == "sum":
         return (wa + wb).sum()
-    return wa.sum() / valid_a.sum().clamp(min=1) + wb.sum() / valid_b.sum().clamp(min=1)
+    return safe_mean(wa.sum(), na) + safe_mean(wb.sum(), nb)

@@ -50,11 +50,17 @@ def _target_valid(labels: Tensor, num_classes: int, ignore_index: int,
     return valid, index
 
 
-def reduce(per_pixel: Tensor, count: Tensor, reduction: str, shape) -> Tensor:
+def _mean(total: Tensor, norm: Tensor) -> Tensor:
+    """total / norm, and 0 (with zero gradient) where norm is 0."""
+    some = norm > 0
+    return torch.where(some, total, 0.0) / torch.where(some, norm, 1)
+
+
+def reduce(per_pixel: Tensor, norm: Tensor, reduction: str, shape) -> Tensor:
     if reduction == "none":
         return per_pixel.reshape(shape)
     total = per_pixel.sum()
-    return total if reduction == "sum" else total / count.clamp(min=1)
+    return total if reduction == "sum" else _mean(total, norm)
 
 
 def class_embedding_sums(feats, labels, num_classes, ignore_index=-100):
@@ -79,7 +85,11 @@ def masked_average_pool(feats, labels, num_classes, ignore_index=-100):
 
 
 def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=-100,
-                            class_mask=None, labels_b=None, lam=None, reduction="mean"):
+                            class_mask=None, labels_b=None, lam=None, reduction="mean",
+                            weight=None, label_smoothing=0.0):
+    """``F.cross_entropy(z, y, weight=, label_smoothing=, ignore_index=)`` on the masked
+    logits, the uniform part of the smoothing over the allowed classes; with mixing, each
+    target's term with its own weights and normaliser."""
     f = _pixels(feats)
     c = prototypes.shape[0]
     z = _logits(f, prototypes, tau, class_mask)  # (B, P, C)
@@ -90,24 +100,42 @@ def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=-1
         any_valid = valid_a | valid_b
     # Rows of pixels with no target are zeroed so that an all-masked row gives no NaN.
     lse = torch.logsumexp(torch.where(any_valid[..., None], z, 0.0), dim=-1)
-    la = torch.where(valid_a, lse - z.gather(-1, ia[..., None]).squeeze(-1), 0.0)
+    w = None if weight is None else weight.to(z.dtype)
+    if label_smoothing:
+        allowed = (torch.ones(c, dtype=torch.bool, device=z.device) if class_mask is None
+                   else class_mask)
+        wk = torch.ones(c, dtype=z.dtype, device=z.device) if w is None else w
+        nll_all = lse[..., None] - torch.where(allowed, z, 0.0)
+        smooth = torch.where(allowed, wk * nll_all, 0.0).sum(-1) / allowed.sum().clamp(min=1)
+
+    def term(valid, index):
+        """Per-pixel loss of one target, and its normaliser."""
+        nll = lse - z.gather(-1, index[..., None]).squeeze(-1)
+        wt = torch.ones_like(nll) if w is None else w[index]
+        per = wt * nll
+        if label_smoothing:
+            per = (1 - label_smoothing) * per + label_smoothing * smooth
+        return torch.where(valid, per, 0.0), torch.where(valid, wt, 0.0).sum()
+
+    la, na = term(valid_a, ia)
     if labels_b is None:
-        return reduce(la, valid_a.sum(), reduction, labels.shape)
-    lb = torch.where(valid_b, lse - z.gather(-1, ib[..., None]).squeeze(-1), 0.0)
-    return mix_reduce(la, valid_a, lb, valid_b, lam, reduction, labels.shape)
+        return reduce(la, na, reduction, labels.shape)
+    lb, nb = term(valid_b, ib)
+    return mix_reduce(la, na, lb, nb, lam, reduction, labels.shape)
 
 
-def mix_reduce(la: Tensor, valid_a: Tensor, lb: Tensor, valid_b: Tensor, lam,
-               reduction: str, shape) -> Tensor:
-    """Eq. 6: lam_i * l(i, a_i) + (1 - lam_i) * l(i, b_i); "mean" averages each term over its
-    own valid pixels, as two ``cross_entropy(..., ignore_index)`` calls would."""
+def mix_reduce(la: Tensor, na: Tensor, lb: Tensor, nb: Tensor, lam, reduction: str,
+               shape) -> Tensor:
+    """Eq. 6: lam_i * l(i, a_i) + (1 - lam_i) * l(i, b_i); "mean" divides each term by its
+    own normaliser (valid pixels, or their targets' weights), as two
+    ``cross_entropy(..., ignore_index)`` calls would."""
     lam_px = torch.as_tensor(lam, dtype=la.dtype, device=la.device).reshape(-1, 1)
     wa, wb = lam_px * la, (1 - lam_px) * lb
     if reduction == "none":
         return (wa + wb).reshape(shape)
     if reduction == "sum":
         return (wa + wb).sum()
-    return wa.sum() / valid_a.sum().clamp(min=1) + wb.sum() / valid_b.sum().clamp(min=1)
+    return _mean(wa.sum(), na) + _mean(wb.sum(), nb)
 
 
 def prototype_consistency_loss(student, teacher, prototypes, tau_student=0.07,

@@ -130,6 +130,27 @@ def check_positive_int(value, name: str) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_class_weight(weight, num_classes: int, device: torch.device) -> None:
+    """None or a floating ``(C,)`` tensor on the features' device (values: ``checks``)."""
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor of shape ({num_classes},), got "
+                        f"{getattr(weight, 'dtype', type(weight).__name__)}")
+    if weight.shape != (num_classes,):
+        raise ValueError(f"weight must have shape ({num_classes},) (one per class), got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but the features are on {device}")
+
+
+def check_label_smoothing(value) -> None:
+    if not _real(value):
+        raise TypeError(f"label_smoothing must be a real number, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {value!r}")
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
