@@ -5,10 +5,13 @@ Shared by the pytest-benchmark suite (``benchmarks/test_ops.py``), the runner
 (``benchmarks/run.py``) and the fresh-process memory probe (``benchmarks/memprobe.py``), so
 all three time exactly the same work.
 
-Implementations (``impl``): ``reference`` (eager, ``backend="reference"``), ``compile``
-(``torch.compile`` of the reference), a kernel backend from ``dispatch`` (``cpu``,
-``triton``, ``cuda``: picked up as soon as it registers the op's kernel phases), and for
-the class loss the linear-cross-entropy competitors ``lce``
+Implementations (``impl``): ``eager``, the idiomatic PyTorch a user would write instead
+(``F.cross_entropy`` on einsum logits; soft-target ``F.cross_entropy`` for consistency;
+for the pixel loss, pooling and pseudo-labels the reference, which is already that), and
+``compile`` (``torch.compile`` of it): the baselines of the ratios; ``reference``
+(``backend="reference"``, the project's ground truth, with its masking); a kernel backend
+from ``dispatch`` (``cpu``, ``triton``, ``cuda``: picked up as soon as it registers the
+op's kernel phases); and for the class loss the linear-cross-entropy competitors ``lce``
 (``torch.nn.functional.linear_cross_entropy``, chunked), ``liger`` (Liger-Kernel) and
 ``cce`` (Cut Cross-Entropy) when importable.
 """
@@ -29,7 +32,7 @@ TAU = 0.07
 OPS = ("ce", "consistency", "pixel", "pool", "pseudo")
 KERNELS = ("cpu", "triton", "cuda")
 COMPETITORS = ("compile", "lce", "liger", "cce")
-IMPLS = ("reference",) + KERNELS + COMPETITORS
+IMPLS = ("eager", "reference") + KERNELS + COMPETITORS
 # Kernel phases each op needs from a backend (see the contract in mdp_kernels.dispatch).
 PHASES = {
     "ce": ("ce_fwd", "ce_bwd"),
@@ -139,6 +142,24 @@ def _loss(case: Case, backend: str) -> Callable[[dict], torch.Tensor]:
     return lambda x: mk.pseudo_label(x["f"], x["p"], ignore_index=IGNORE, backend=backend)[0]
 
 
+def _idiomatic(case: Case) -> Callable[[dict], torch.Tensor]:
+    """What a user writes without this library (the ``eager`` and ``compile`` baselines)."""
+    if case.op == "ce":
+        return lambda x: F.cross_entropy(x["f"] @ x["p"].t() / TAU, x["y"], ignore_index=IGNORE)
+    if case.op == "consistency":
+        def con(x):
+            with torch.no_grad():
+                target = torch.softmax(x["t"] @ x["p"].t() / 0.04, -1)
+            return F.cross_entropy(x["f"] @ x["p"].t() / TAU, target)
+        return con
+    if case.op == "pseudo":
+        def pseudo(x):
+            best = (x["f"] @ x["p"].t()).max(-1)
+            return torch.where(best.values >= 0.8, best.indices, IGNORE)
+        return pseudo
+    return _loss(case, "reference")
+
+
 def _lce(x):
     # The chunked path (options set) is the memory-saving one; options=None materialises logits.
     return F.linear_cross_entropy(x["f"], x["p"] / TAU, x["y"], ignore_index=IGNORE,
@@ -162,7 +183,7 @@ _EXTERNAL = {"lce": (_lce, None), "liger": (_liger, "liger_kernel"),
 def unavailable(case: Case, impl: str, device: torch.device) -> str | None:
     """None if ``impl`` can run ``case`` on ``device``, else why not."""
     device = torch.device(device)
-    if impl == "reference":
+    if impl in ("eager", "reference"):
         return None
     if impl in KERNELS:
         if impl == "triton" and device.type != "cuda":
@@ -193,9 +214,11 @@ def runner(case: Case, impl: str, x: dict) -> Callable[[], object]:
     """A no-argument callable doing one forward (and backward, in ``fwdbwd`` mode)."""
     if impl in _EXTERNAL:
         loss = _EXTERNAL[impl][0]
+    elif impl == "eager":
+        loss = _idiomatic(case)
     elif impl == "compile":
         torch._dynamo.reset()  # one fresh graph per case: shapes differ between cases
-        loss = torch.compile(_loss(case, "reference"), dynamic=False)
+        loss = torch.compile(_idiomatic(case), dynamic=False)
     else:
         loss = _loss(case, impl)
     leaves = [t for t in x.values() if t.requires_grad]
