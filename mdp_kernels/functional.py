@@ -62,14 +62,14 @@ def _shared_doc(fn):
     return fn
 
 
-def _autocast(*ts: Tensor | None) -> tuple:
+def _autocast(*ts: Tensor) -> tuple:
     """Inside ``torch.autocast`` for the tensors' device, floating inputs other than float64
     in the autocast dtype (what ``F.linear`` does to its operands)."""
     dev = ts[0].device.type
     if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
         return ts
     dt = torch.get_autocast_dtype(dev)
-    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dt) for t in ts)
+    return tuple(t if t.dtype == torch.float64 else t.to(dt) for t in ts)
 
 
 def _tau_arg(tau) -> Tensor:
