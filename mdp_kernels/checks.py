@@ -28,7 +28,8 @@ def _token(like: Tensor) -> Tensor:
 def targets(labels: Tensor, class_mask: Optional[Tensor], num_classes: int,
             ignore_index: int) -> Tensor:
     """int64 targets: the label, or -1 for ``ignore_index`` and classes outside
-    ``class_mask``. Raises ``ValueError`` on any other label outside ``[0, num_classes)``."""
+    ``class_mask`` (``(C,)``, or ``(B, C)`` for ``(B, P)`` labels: per image). Raises
+    ``ValueError`` on any other label outside ``[0, num_classes)``."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         value = labels[bad].flatten()[0].item()
@@ -36,7 +37,9 @@ def targets(labels: Tensor, class_mask: Optional[Tensor], num_classes: int,
                          f"ignore_index ({ignore_index})")
     t = torch.where(labels == ignore_index, -1, labels.to(torch.int64))
     if class_mask is not None:
-        t = torch.where(class_mask[t.clamp(min=0)], t, -1)
+        index = t.clamp(min=0)
+        allowed = class_mask[index] if class_mask.dim() == 1 else class_mask.gather(1, index)
+        t = torch.where(allowed, t, -1)
     return t.contiguous()
 
 

@@ -43,6 +43,11 @@ __all__ = ["class_embedding_sums", "masked_average_pool", "prototype_contrast_lo
            "prototype_consistency_loss", "pixel_contrast_loss", "pseudo_label"]
 
 
+def _batch(feats: Tensor) -> int:
+    """Images in ``feats``: B of (B, D, *spatial), 1 for (N, D)."""
+    return feats.shape[0] if feats.dim() > 2 else 1
+
+
 def _bias(class_mask: Tensor | None) -> Tensor | None:
     if class_mask is None:
         return None
@@ -199,8 +204,10 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         labels: ``(B, *spatial)`` or ``(N,)`` integer targets ``a_i`` in ``[0, C)`` or
             ``ignore_index``.
         tau: temperature: @TAU.
-        class_mask: optional ``(C,)`` bool; False classes take no part in any softmax and a
-            pixel whose target is such a class is ignored for that target.
+        class_mask: optional bool ``(C,)`` (every image) or ``(B, C)`` (image b's softmax
+            runs over its own allowed classes: e.g. its dataset's); False classes take no
+            part in the softmax and a pixel whose target is such a class is ignored for that
+            target. Applied as a per-image bias inside the kernels (no ``N x C`` mask).
         labels_b, lam: mixing (Eq. 6): second targets ``b_i`` (shape of ``labels``) and
             ``lam``, a float or a ``(B,)`` tensor in [0, 1] (one per image). Both or neither.
         reduction: ``"mean"``: without mixing, the mean of ``l(i, a_i)`` over pixels with a
@@ -256,7 +263,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     V.check_reduction(reduction)
     c = prototypes.shape[0]
     V.check_ignore_index(ignore_index, c)
-    V.check_class_mask(class_mask, c, feats.device)
+    V.check_class_mask(class_mask, c, feats.device, _batch(feats))
     if (labels_b is None) != (lam is None):
         raise ValueError("mixing needs both labels_b and lam (or neither)")
     if labels_b is not None:
@@ -301,14 +308,16 @@ def _ce_terms(lse: Tensor, feats: Tensor, protos: Tensor, tau, class_mask: Tenso
     the allowed classes, is ``W lse_i - f_i . Q / tau`` with ``Q = sum_k w_k P_k``: one
     O(N D) product, no pass over classes."""
     smooth = None
-    if eps:
-        allowed = (torch.ones(protos.shape[0], dtype=torch.bool, device=protos.device)
-                   if class_mask is None else class_mask)
+    if eps:  # per image: allowed (1 or B, C), Q (1 or B, D)
+        allowed = (torch.ones(1, protos.shape[0], dtype=torch.bool, device=protos.device)
+                   if class_mask is None else class_mask.reshape(-1, protos.shape[0]))
         wk = allowed.to(lse.dtype) if weight is None else weight.to(lse.dtype) * allowed
         low = feats.dtype in (torch.bfloat16, torch.float16)  # a GEMV in the input dtype
         q = wk @ protos.to(lse.dtype)
-        fq = torch.einsum("bdp,d->bp", as_bdp(feats), q.to(feats.dtype) if low else q)
-        smooth = (wk.sum() * lse - fq.to(lse.dtype) / tau) / allowed.sum().clamp(min=1)
+        fq = torch.einsum("bdp,bd->bp", as_bdp(feats),
+                          (q.to(feats.dtype) if low else q).expand(lse.shape[0], -1))
+        smooth = ((wk.sum(-1, keepdim=True) * lse - fq.to(lse.dtype) / tau)
+                  / allowed.sum(-1, keepdim=True).clamp(min=1))
 
     def term(t: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
         valid = t >= 0
@@ -348,8 +357,9 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
         tau_student, tau_teacher: temperatures: @TAU.
         mask: optional bool of the spatial shape selecting contributing pixels (default:
             every pixel, labelled or not). "mean" averages over the selected pixels.
-        class_mask: optional ``(C,)`` bool of classes that take part in both softmaxes; if
-            no class is allowed the loss is 0.
+        class_mask: optional bool ``(C,)`` or per-image ``(B, C)``: the classes that take
+            part in both softmaxes; an image with no allowed class contributes nothing (and
+            does not count in "mean").
         kind: ``"ce"`` or ``"kl"``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         check_finite: raise ``ValueError`` on NaN/inf inputs.
@@ -382,7 +392,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     V.check_reduction(reduction)
     if kind not in ("ce", "kl"):
         raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
-    V.check_class_mask(class_mask, prototypes.shape[0], student.device)
+    V.check_class_mask(class_mask, prototypes.shape[0], student.device, _batch(student))
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor of the spatial shape")
@@ -405,8 +415,9 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     protos, student = _carry_tau_grad(tau_student, prototypes, student)
     keep = None if mask is None else as_bp(mask).contiguous()
     if class_mask is not None:
+        some = class_mask.any(-1, keepdim=True) if class_mask.dim() == 2 else class_mask.any()
         keep = (torch.ones(as_bp(student[:, 0]).shape, dtype=torch.bool, device=student.device)
-                if keep is None else keep) & class_mask.any()
+                if keep is None else keep) & some
     ce, ent, _, _, _ = ops.con_fwd(as_bdp(student), as_bdp(teacher.detach()),
                                    protos.contiguous(), _bias(class_mask), keep,
                                    _tau_arg(tau_student), _tau_arg(tau_teacher), name,
@@ -518,7 +529,8 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
         feats: ``(B, D, *spatial)`` or ``(N, D)``.
         prototypes: ``(C, D)``, same dtype.
         threshold: a finite real number.
-        class_mask: optional ``(C,)`` bool of the classes that may be chosen.
+        class_mask: optional bool ``(C,)`` or per-image ``(B, C)``: the classes that may be
+            chosen (an image with none gets ``ignore_index`` and score ``-inf``).
         @COMMON
 
     @AUTOCAST
@@ -543,7 +555,7 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
     V.check_prototypes(prototypes, feats)
     V.check_threshold(threshold)
     V.check_ignore_index(ignore_index, prototypes.shape[0])
-    V.check_class_mask(class_mask, prototypes.shape[0], feats.device)
+    V.check_class_mask(class_mask, prototypes.shape[0], feats.device, _batch(feats))
     name = dispatch.resolve(("pseudo_label",), backend, feats.device)
     if name == "reference":
         return reference.pseudo_label(feats.detach(), prototypes.detach(), threshold,

@@ -70,7 +70,8 @@ class PrototypeContrastLoss(nn.Module):
     def forward(self, feats: Tensor, labels: Tensor, key_feats: Tensor | None = None, *,
                 key_labels: Tensor | None = None, labels_b: Tensor | None = None,
                 lam: float | Tensor | None = None, con_student: Tensor | None = None,
-                con_teacher: Tensor | None = None, con_mask: Tensor | None = None) -> Tensor:
+                con_teacher: Tensor | None = None, con_mask: Tensor | None = None,
+                class_mask: Tensor | None = None) -> Tensor:
         """
         Args:
             feats: ``(B, D, *spatial)`` query embeddings (mixed view when mixing).
@@ -80,17 +81,23 @@ class PrototypeContrastLoss(nn.Module):
             labels_b, lam: mixing targets and ratio (see :func:`prototype_contrast_loss`).
             con_student, con_teacher, con_mask: consistency inputs
                 (see :func:`prototype_consistency_loss`).
+            class_mask: optional bool ``(C,)`` or per-image ``(B, C)`` (e.g. each image's
+                dataset's classes), combined with the classes the bank holds, for both
+                terms.
         """
         if (con_student is None) != (con_teacher is None):
             raise ValueError("consistency needs both con_student and con_teacher (or neither)")
         V.check_float(feats, "feats")
+        V.check_class_mask(class_mask, self.bank.num_classes, feats.device,
+                           feats.shape[0] if feats.dim() > 2 else 1)
         slot = self.bank.slot(feats.detach() if key_feats is None else key_feats,
                               labels if key_labels is None else key_labels,
                               check_finite=self.check_finite)
         protos, valid = self.bank.prototypes(pending=slot)
+        allowed = valid if class_mask is None else class_mask & valid
         l_class = prototype_contrast_loss(
             feats, protos.to(feats.dtype), labels, tau=self.tau,
-            ignore_index=self.ignore_index, class_mask=valid, labels_b=labels_b, lam=lam,
+            ignore_index=self.ignore_index, class_mask=allowed, labels_b=labels_b, lam=lam,
             check_finite=self.check_finite, backend=self.backend)
         terms = {"class": l_class.detach(), "valid_classes": valid.sum()}
         loss = l_class
@@ -98,7 +105,7 @@ class PrototypeContrastLoss(nn.Module):
             l_con = prototype_consistency_loss(
                 con_student, con_teacher, protos.to(con_student.dtype),
                 tau_student=self.tau_student, tau_teacher=self.tau_teacher, mask=con_mask,
-                class_mask=valid, check_finite=self.check_finite, backend=self.backend)
+                class_mask=allowed, check_finite=self.check_finite, backend=self.backend)
             terms["con"] = l_con.detach()
             loss = loss + self.alpha * l_con
         self.bank.commit(*slot, after=(loss.detach(),))

@@ -33,10 +33,15 @@ def _pixels(x: Tensor) -> Tensor:
     return as_bdp(x).transpose(1, 2)  # (B, P, D)
 
 
+def _per_image(class_mask: Tensor) -> Tensor:
+    """A (C,) or (B, C) class mask as (1 or B, 1, C), to broadcast over (B, P, C) logits."""
+    return class_mask.reshape(-1, 1, class_mask.shape[-1])
+
+
 def _logits(f: Tensor, protos: Tensor, tau: float, class_mask: Tensor | None) -> Tensor:
     z = (f @ protos.t()).to(acc_dtype(f.dtype)) / tau
     if class_mask is not None:
-        z = z.masked_fill(~class_mask, float("-inf"))
+        z = z.masked_fill(~_per_image(class_mask), float("-inf"))
     return z
 
 
@@ -46,7 +51,8 @@ def _target_valid(labels: Tensor, num_classes: int, ignore_index: int,
     index = labels.clamp(0, num_classes - 1).long()
     valid = labels != ignore_index
     if class_mask is not None:
-        valid = valid & class_mask[index]
+        rows = class_mask.expand(index.shape[0], -1) if class_mask.dim() == 1 else class_mask
+        valid = valid & rows.gather(1, index)
     return valid, index
 
 
@@ -102,11 +108,12 @@ def prototype_contrast_loss(feats, prototypes, labels, tau=0.07, ignore_index=-1
     lse = torch.logsumexp(torch.where(any_valid[..., None], z, 0.0), dim=-1)
     w = None if weight is None else weight.to(z.dtype)
     if label_smoothing:
-        allowed = (torch.ones(c, dtype=torch.bool, device=z.device) if class_mask is None
-                   else class_mask)
+        allowed = (torch.ones(1, 1, c, dtype=torch.bool, device=z.device) if class_mask is None
+                   else _per_image(class_mask))
         wk = torch.ones(c, dtype=z.dtype, device=z.device) if w is None else w
         nll_all = lse[..., None] - torch.where(allowed, z, 0.0)
-        smooth = torch.where(allowed, wk * nll_all, 0.0).sum(-1) / allowed.sum().clamp(min=1)
+        smooth = (torch.where(allowed, wk * nll_all, 0.0).sum(-1)
+                  / allowed.sum(-1).clamp(min=1))
 
     def term(valid, index):
         """Per-pixel loss of one target, and its normaliser."""
@@ -146,13 +153,13 @@ def prototype_consistency_loss(student, teacher, prototypes, tau_student=0.07,
         t = torch.softmax(_logits(_pixels(teacher), prototypes, tau_teacher, class_mask), -1)
     s = torch.log_softmax(zs, -1)
     if class_mask is not None:  # masked classes have t = 0 and s = -inf: drop them
-        s = s.masked_fill(~class_mask, 0.0)
+        s = s.masked_fill(~_per_image(class_mask), 0.0)
     loss = -(t * s).sum(-1)
     if kind == "kl":
         loss = loss + torch.special.xlogy(t, t).sum(-1)
     keep = torch.ones_like(loss, dtype=torch.bool) if mask is None else as_bp(mask)
-    if class_mask is not None:
-        keep = keep & class_mask.any()
+    if class_mask is not None:  # an image with no allowed class contributes nothing
+        keep = keep & _per_image(class_mask).any(-1)
     loss = torch.where(keep, loss, 0.0)
     return reduce(loss, keep.sum(), reduction, student.shape[:1] + student.shape[2:])
 

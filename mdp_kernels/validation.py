@@ -66,13 +66,17 @@ def check_prototypes(protos: Tensor, feats: Tensor, fname: str = "feats") -> Non
         raise ValueError("prototypes must hold at least one class (C >= 1)")
 
 
-def check_class_mask(class_mask: Tensor | None, num_classes: int, device: torch.device) -> None:
+def check_class_mask(class_mask: Tensor | None, num_classes: int, device: torch.device,
+                     batch: int) -> None:
+    """None, or a bool ``(C,)`` mask (every image) or ``(B, C)`` one (per image)."""
     if class_mask is None:
         return
     if not isinstance(class_mask, Tensor) or class_mask.dtype != torch.bool:
-        raise TypeError("class_mask must be a bool tensor of shape (C,)")
-    if class_mask.shape != (num_classes,):
-        raise ValueError(f"class_mask must have shape ({num_classes},), got {tuple(class_mask.shape)}")
+        raise TypeError(f"class_mask must be a bool tensor of shape ({num_classes},) or "
+                        f"({batch}, {num_classes})")
+    if class_mask.shape not in ((num_classes,), (batch, num_classes)):
+        raise ValueError(f"class_mask must have shape ({num_classes},) or ({batch}, "
+                         f"{num_classes}) (one row per image), got {tuple(class_mask.shape)}")
     if class_mask.device != device:
         raise ValueError(f"class_mask is on {class_mask.device} but the features are on {device}")
 

@@ -1,4 +1,5 @@
 """PrototypeContrastLoss: the module equals the functional composition it documents."""
+import pytest
 import torch
 
 import mdp_kernels as mk
@@ -42,3 +43,15 @@ def test_loss_falls_when_training_embeddings():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+
+
+def test_per_image_class_mask_is_combined_with_the_bank():
+    f, _, y = make_case(2, 16, 7, (4, 5))
+    cm = torch.ones(2, 7, dtype=torch.bool)
+    cm[1, :3] = False  # image 1's dataset has classes 3..6 only
+    loss_fn = mk.PrototypeContrastLoss(7, 16, bank_images=4, batch_size=2)
+    loss = loss_fn(f, y, class_mask=cm)
+    p, valid = loss_fn.bank.prototypes()
+    torch.testing.assert_close(loss, mk.prototype_contrast_loss(f, p, y, class_mask=cm & valid))
+    with pytest.raises(ValueError, match="class_mask must have shape"):
+        loss_fn(f, y, class_mask=torch.ones(3, 7, dtype=torch.bool))

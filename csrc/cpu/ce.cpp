@@ -1,6 +1,6 @@
 // Pixel-to-prototype cross-entropy (ce_fwd / ce_bwd) on CPU, streamed over pixel chunks.
 //
-// z_ik = f_i . P_k / tau + bias_k. Per chunk the kept pixels (ta >= 0 or tb >= 0) are
+// z_ik = f_i . P_k / tau + bias_k (bias_bk with per-image class masks). Per chunk the kept pixels (ta >= 0 or tb >= 0) are
 // compacted, Z = F_chunk @ (P / tau)^T goes through BLAS into an L2-sized tile, and the
 // row reductions run on the tile. The backward recomputes the tile, turns it into dZ in
 // place and does dF = dZ @ (P / tau) and dP += dZ^T @ F_chunk (then / tau).
@@ -28,7 +28,7 @@ inline int64_t kept(const int64_t* ta, const int64_t* tb, int64_t n, int64_t* id
 }
 
 struct CeArgs {
-  at::Tensor feats, ps, bias;  // ps = protos / tau (C, D) acc; bias (C,) acc or undefined
+  at::Tensor feats, ps, bias;  // ps = protos / tau (C, D) acc; bias (C,) / (B, C) acc or undefined
   const int64_t* ta;
   const int64_t* tb;
   int64_t B, D, P, C;
@@ -42,7 +42,7 @@ CeArgs ce_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tens
   const int64_t B = feats.size(0), P = feats.size(2), C = protos.size(0);
   check_targets(ta, B, P);
   if (tb.has_value()) check_targets(*tb, B, P);
-  if (bias.has_value()) check_1d(*bias, C, at::kFloat, "bias");
+  if (bias.has_value()) check_bias(*bias, B, C);
   const auto acc = acc_scalar_type(feats.scalar_type());
   return {feats, scaled_protos(protos, 1.0 / tau), acc_bias(bias, acc, false),
           ta.const_data_ptr<int64_t>(), tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr,
@@ -69,7 +69,7 @@ std::pair<at::Tensor, at::Tensor> chunk_logits(const CeArgs& a, const CeChunk& c
   auto f = load_rows<T>(a.feats, c.b, c.p0, c.n, idx, c.nv, buf);
   auto z = tile.narrow(0, 0, c.nv);
   at::mm_out(z, f, pt);
-  if (a.bias.defined()) z.add_(a.bias);
+  if (a.bias.defined()) z.add_(bias_row(a.bias, c.b));
   return {f, z};
 }
 

@@ -42,7 +42,7 @@ ConArgs con_args(const at::Tensor& student, const at::Tensor& teacher, const at:
   }
   bool none = false;
   if (bias.has_value()) {
-    check_1d(*bias, C, at::kFloat, "bias");
+    check_bias(*bias, B, C);
     none = !at::isfinite(*bias).any().item<bool>();
   }
   const auto acc = acc_scalar_type(student.scalar_type());
@@ -96,8 +96,9 @@ void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tenso
       at::mm_out(zs, load_rows<T>(a.student, b, p0, n, w.idx.data(), nv, w.sbuf), pst);
       at::mm_out(zt, load_rows<T>(a.teacher, b, p0, n, w.idx.data(), nv, w.tbuf), ptt);
       if (a.bias.defined()) {
-        zs.add_(a.bias);
-        zt.add_(a.bias);
+        const auto row = bias_row(a.bias, b);
+        zs.add_(row);
+        zt.add_(row);
       }
       auto ls = log_softmax_(zs), lt = log_softmax_(zt);  // zs = log s, zt = log t
       auto t = at::exp(zt);
@@ -182,8 +183,9 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
       at::mm_out(zs, f, pst);
       at::mm_out(zt, load_rows<T>(a.teacher, b, p0, n, idx, nv, w.tbuf), ptt);
       if (a.bias.defined()) {
-        zs.add_(a.bias);
-        zt.add_(a.bias);
+        const auto row = bias_row(a.bias, b);
+        zs.add_(row);
+        zt.add_(row);
       }
       // dzs = g (softmax(zs) - t)
       zs.sub_(gather_col(lsp + off, idx, nv, w.col)).exp_();

@@ -24,7 +24,7 @@ void pseudo_kernel(const at::Tensor& feats, const at::Tensor& pt, const at::Tens
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * P + p0;
       auto z = tile.narrow(0, 0, n);
       at::mm_out(z, load_rows<T>(feats, b, p0, n, all.data(), n, buf), pt);
-      if (bias.defined()) z.add_(bias);
+      if (bias.defined()) z.add_(bias_row(bias, b));
       const A* zp = z.const_data_ptr<A>();
       for (int64_t i = 0; i < n; ++i) {
         const A* row = zp + i * C;
@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> pseudo_label(const at::Tensor& feats, const a
   check_bdp(feats, "feats");
   check_protos(protos, feats);
   const int64_t B = feats.size(0), P = feats.size(2), C = protos.size(0);
-  if (bias.has_value()) check_1d(*bias, C, at::kFloat, "bias");
+  if (bias.has_value()) check_bias(*bias, feats.size(0), C);
   const auto acc = acc_scalar_type(feats.scalar_type());
   const auto pt = scaled_protos(protos, 1.0).t();
   const auto b = acc_bias(bias, acc, false);

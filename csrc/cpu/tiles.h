@@ -122,7 +122,7 @@ inline at::Tensor scaled_protos(const at::Tensor& protos, double scale) {
   return p.contiguous();
 }
 
-// Bias (C,) in the accumulation dtype, or undefined. `finite` replaces -inf by -1e30 so
+// Bias (C,) or (B, C) in the accumulation dtype, or undefined. `finite` replaces -inf by -1e30 so
 // that 0 * bias stays 0 (exp(-1e30 - m) is exactly 0, so softmaxes are unchanged).
 inline at::Tensor acc_bias(const c10::optional<at::Tensor>& bias, at::ScalarType acc,
                            bool finite) {
@@ -130,6 +130,20 @@ inline at::Tensor acc_bias(const c10::optional<at::Tensor>& bias, at::ScalarType
   auto b = bias->to(acc).contiguous();
   if (finite) b = b.clamp_min(-1e30);
   return b;
+}
+
+// A class bias is float32 (C,) (every image) or (B, C) (one row per image: per-image class
+// masks); the row that image b adds to its logits.
+inline void check_bias(const at::Tensor& bias, int64_t B, int64_t C) {
+  TORCH_CHECK(bias.scalar_type() == at::kFloat &&
+                  ((bias.dim() == 1 && bias.size(0) == C) ||
+                   (bias.dim() == 2 && bias.size(0) == B && bias.size(1) == C)),
+              "bias must be a float32 (C,) or (B, C) tensor with B = ", B, ", C = ", C,
+              ", got ", bias.sizes(), " ", bias.scalar_type());
+}
+
+inline at::Tensor bias_row(const at::Tensor& bias, int64_t b) {
+  return !bias.defined() || bias.dim() == 1 ? bias : bias.select(0, b);
 }
 
 inline void check_1d(const at::Tensor& t, int64_t n, at::ScalarType type, const char* name) {

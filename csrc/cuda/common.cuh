@@ -93,7 +93,8 @@ inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& 
   check_cuda(*bias, protos, "bias");
   TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->dim() == 1 &&
                   bias->size(0) == protos.size(0),
-              "bias must be a contiguous float32 (C,) tensor");
+              "bias must be a contiguous float32 (C,) tensor (per-image (B, C) class masks are "
+              "not implemented by the experimental cuda backend: use triton)");
 }
 
 }  // namespace cuda

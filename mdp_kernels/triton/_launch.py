@@ -74,6 +74,12 @@ def precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
+def bias_row_stride(bias: torch.Tensor | None) -> int:
+    """Elements between the class-bias rows of two images: C for a per-image (B, C) bias,
+    0 for one (C,) bias shared by every image (or none)."""
+    return bias.stride(0) if bias is not None and bias.dim() == 2 else 0
+
+
 def max_dim(dtype: torch.dtype) -> int:
     """The largest feature dim the Triton kernels take for ``dtype``."""
     return ROW_BYTES // dtype.itemsize

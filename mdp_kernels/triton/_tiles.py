@@ -3,7 +3,8 @@
 Feature tensors are strided ``(B, D, P)`` views; a pixel tile is loaded pixels-as-rows,
 ``(BLOCK_P, BLOCK_D)``. Offsets are formed in int64 (index ``.to(tl.int64)`` before the
 stride multiply) so that views over more than 2**31 elements address correctly.
-Prototypes are contiguous ``(C, D)``; class bias is float32 ``(C,)`` of 0 / -inf.
+Prototypes are contiguous ``(C, D)``; class bias is float32 ``(C,)`` or ``(B, C)`` of 0 / -inf
+(kernels offset ``bias_ptr`` to their image's row).
 Boolean masks and CE targets come in as int32, for fp64 on Triton 3.6: it derives the fp64
 MMA operand layout from the narrowest type feeding the operand, and an int8 (bool) mask
 there gives a layout its fp64 MMA cannot lower ("fp64 don't support largeK MMA"); masks

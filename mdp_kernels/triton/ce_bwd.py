@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..config import config
 from ..layout import acc_dtype
-from ._launch import SMALL, Kernel, block_d, grid_configs, precision
+from ._launch import SMALL, Kernel, bias_row_stride, block_d, grid_configs, precision
 from ._tiles import (chunk_of, count, load_protos_t, load_rows, logits, mm, store_partial,
                      store_rows)
 
@@ -49,10 +49,11 @@ def _rows(ta_ptr, tb_ptr, lse_ptr, gl_ptr, ga_ptr, gb_ptr, row, inb, HAS_TB: tl.
 @triton.jit
 def _ce_bwd_feats(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_ptr, gb_ptr,
                   df_ptr, dp_ptr, P, C, D, sfb, sfd, sfp, sgb, sgd, sgp, scale,
-                  HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_F: tl.constexpr,
+                  sbias, HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_F: tl.constexpr,
                   ATOMIC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     inb = p < P
     row = b.to(tl.int64) * P + p
@@ -80,10 +81,11 @@ def _ce_bwd_feats(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_pt
 @triton.jit
 def _ce_bwd_protos(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, gl_ptr, ga_ptr, gb_ptr,
                    part_ptr, P, C, D, sfb, sfd, sfp, scale, chunk, n_chunks,
-                   HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                   sbias, HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b, start, end = chunk_of(P, chunk, n_chunks)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
     acc = tl.zeros((BLOCK_C, BLOCK_D), lse_ptr.dtype.element_ty)
     for p0 in range(start, end, BLOCK_P):
@@ -130,7 +132,7 @@ def ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats,
     dp = None
     if need_protos and not config.deterministic:
         dp = torch.zeros(c, d, dtype=acc, device=feats.device)
-    flags = dict(HAS_TB=tb is not None, HAS_BIAS=bias is not None,
+    flags = dict(sbias=bias_row_stride(bias), HAS_TB=tb is not None, HAS_BIAS=bias is not None,
                  PREC=precision(feats.dtype), BLOCK_D=block_d(d, feats.dtype))
     if bsz * npx == 0:
         return (df, None if not need_protos else protos.new_zeros(c, d))

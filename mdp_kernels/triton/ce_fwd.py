@@ -10,17 +10,18 @@ import triton
 import triton.language as tl
 
 from ..layout import acc_dtype
-from ._launch import FWD_CONFIGS, Kernel, block_d, precision
+from ._launch import FWD_CONFIGS, Kernel, bias_row_stride, block_d, precision
 from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 
 
 @triton.jit
 def _ce_fwd(f_ptr, p_ptr, ta_ptr, tb_ptr, bias_ptr, lse_ptr, za_ptr, zb_ptr,
             P, C, D, sfb, sfd, sfp, scale,
-            HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr,
+            sbias, HAS_TB: tl.constexpr, HAS_BIAS: tl.constexpr,
             PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
             BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = b.to(tl.int64) * P + p
     ta = tl.load(ta_ptr + row, mask=p < P, other=-1)
@@ -69,6 +70,7 @@ def ce_fwd(feats, protos, ta, tb, bias, tau):
     bias_ = out[0] if bias is None else bias.contiguous()
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         feats, protos.contiguous(), ta, tb_, bias_, *out, npx, c, d, *feats.stride(), 1.0 / tau,
-        HAS_TB=tb is not None, HAS_BIAS=bias is not None, PREC=precision(feats.dtype),
+        sbias=bias_row_stride(bias), HAS_TB=tb is not None, HAS_BIAS=bias is not None,
+        PREC=precision(feats.dtype),
         BLOCK_D=block_d(d, feats.dtype))
     return tuple(out)

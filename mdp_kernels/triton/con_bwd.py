@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ..config import config
 from ..layout import acc_dtype
-from ._launch import SMALL, Kernel, block_d, grid_configs, precision
+from ._launch import SMALL, Kernel, bias_row_stride, block_d, grid_configs, precision
 from ._tiles import (chunk_of, count, load_protos_t, load_rows, logits, mm, store_partial,
                      store_rows)
 
@@ -38,10 +38,11 @@ def _rows(mask_ptr, lss_ptr, lst_ptr, g_ptr, row, inb, HAS_MASK: tl.constexpr):
 @triton.jit
 def _con_bwd_feats(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_ptr,
                    ds_ptr, dp_ptr, P, C, D, ssb, ssd, ssp, stb, std, stp, sgb, sgd, sgp,
-                   scale_s, scale_t, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                   scale_s, scale_t, sbias, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                    NEED_F: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     inb = p < P
     row = b.to(tl.int64) * P + p
@@ -69,11 +70,12 @@ def _con_bwd_feats(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_
 @triton.jit
 def _con_bwd_protos(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, lss_ptr, lst_ptr, g_ptr,
                     part_ptr, P, C, D, ssb, ssd, ssp, stb, std, stp, scale_s, scale_t,
-                    chunk, n_chunks, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                    chunk, n_chunks, sbias, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                     PREC: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     b, start, end = chunk_of(P, chunk, n_chunks)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     pt = load_protos_t(p_ptr, c, C, D, BLOCK_D)
     acc = tl.zeros((BLOCK_C, BLOCK_D), lss_ptr.dtype.element_ty)
     for p0 in range(start, end, BLOCK_P):
@@ -123,7 +125,8 @@ def con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau
     bias_ = lse_s if bias is None else bias.contiguous()
     common = (student, teacher, protos, bias_, mask_, lse_s.contiguous(), lse_t.contiguous(),
               g_ce.contiguous())
-    flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+    flags = dict(sbias=bias_row_stride(bias), HAS_BIAS=bias is not None,
+                 HAS_MASK=mask is not None,
                  PREC=precision(student.dtype), BLOCK_D=block_d(d, student.dtype))
     scales = (1.0 / tau_s, 1.0 / tau_t)
     if need_feats or dp is not None:

@@ -11,16 +11,17 @@ import triton
 import triton.language as tl
 
 from ..layout import acc_dtype
-from ._launch import SMALL, Kernel, block_d, grid_configs, precision
+from ._launch import SMALL, Kernel, bias_row_stride, block_d, grid_configs, precision
 from ._tiles import count, load_protos_t, load_rows, logits, lse_update
 
 
 @triton.jit
 def _con_fwd(s_ptr, t_ptr, p_ptr, bias_ptr, mask_ptr, ce_ptr, ent_ptr, lss_ptr, lst_ptr,
              P, C, D, ssb, ssd, ssp, stb, std, stp, scale_s, scale_t,
-             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+             sbias, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = b.to(tl.int64) * P + p
     valid = p < P
@@ -81,7 +82,8 @@ def con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t):
     bias_ = out[0] if bias is None else bias.contiguous()
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         student, teacher, protos.contiguous(), bias_, mask_, *out, npx, c, d, *student.stride(),
-        *teacher.stride(), 1.0 / tau_s, 1.0 / tau_t, HAS_BIAS=bias is not None,
+        *teacher.stride(), 1.0 / tau_s, 1.0 / tau_t, sbias=bias_row_stride(bias),
+        HAS_BIAS=bias is not None,
         HAS_MASK=mask is not None, PREC=precision(student.dtype),
         BLOCK_D=block_d(d, student.dtype))
     return tuple(out)

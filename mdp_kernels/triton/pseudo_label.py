@@ -7,16 +7,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FWD_CONFIGS, Kernel, block_d, precision
+from ._launch import FWD_CONFIGS, Kernel, bias_row_stride, block_d, precision
 from ._tiles import load_protos_t, load_rows, logits
 
 
 @triton.jit
 def _pseudo_label(f_ptr, p_ptr, bias_ptr, lab_ptr, score_ptr, P, C, D, sfb, sfd, sfp,
-                  threshold, ignore_index, ACC: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  threshold, ignore_index, sbias, ACC: tl.constexpr, HAS_BIAS: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_P: tl.constexpr,
                   BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1)
+    bias_ptr += b.to(tl.int64) * sbias  # per-image class masks: bias row b
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     row = b.to(tl.int64) * P + p
     f = load_rows(f_ptr, b, p, p < P, D, sfb, sfd, sfp, BLOCK_D)
@@ -42,7 +43,7 @@ _kernel = Kernel(_pseudo_label, FWD_CONFIGS,
 
 
 def pseudo_label(feats, protos, bias, threshold, ignore_index):
-    """feats (B, D, P) strided, protos (C, D), bias None or (C,) -> labels (B, P) int64,
+    """feats (B, D, P) strided, protos (C, D), bias None, (C,) or (B, C) -> labels (B, P) int64,
     scores (B, P) float32."""
     bsz, d, npx = feats.shape
     c = protos.shape[0]
@@ -54,5 +55,6 @@ def pseudo_label(feats, protos, bias, threshold, ignore_index):
         feats, protos.contiguous(), scores if bias is None else bias.contiguous(), labels,
         scores, npx, c, d, *feats.stride(), float(threshold), int(ignore_index),
         ACC=tl.float64 if feats.dtype == torch.float64 else tl.float32,
-        HAS_BIAS=bias is not None, PREC=precision(feats.dtype), BLOCK_D=block_d(d, feats.dtype))
+        sbias=bias_row_stride(bias), HAS_BIAS=bias is not None, PREC=precision(feats.dtype),
+        BLOCK_D=block_d(d, feats.dtype))
     return labels, scores
