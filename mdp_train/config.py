@@ -32,6 +32,9 @@ DEFAULTS: dict = {
         "tau_teacher": 0.04,
         "bank_images": "auto",  # auto = half the labelled images
         "con_space": "proj",   # consistency on proj features vs the bank | bank: own con bank
+        # each image's softmax (class and consistency terms) over its own dataset's classes;
+        # a mixed image over the union of both images' datasets; unlabelled images: all
+        "dataset_aware": False,
         "backend": "auto",
     },
     "semi": {                  # pseudo-labels of data.unlabelled (Eq. 10)

@@ -104,6 +104,14 @@ class LabelSpace:
     def __len__(self) -> int:
         return self.num_classes
 
+    def class_masks(self) -> torch.Tensor:
+        """(datasets, C) bool: row d marks dataset d's classes (none for a dataset without
+        classes)."""
+        masks = torch.zeros(len(self.offsets), self.num_classes, dtype=torch.bool)
+        for d, (off, size) in enumerate(zip(self.offsets, self.sizes)):
+            masks[d, off:off + size] = True
+        return masks
+
     def to_global(self, dataset: int, label: torch.Tensor | None,
                   shape: tuple[int, int] | None = None) -> torch.Tensor:
         """Dataset-local ids (``[0, C_d)`` or 255) -> global ids (or ``ignore_index``).

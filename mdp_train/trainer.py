@@ -117,6 +117,9 @@ class Trainer:
             raise ValueError("unlabelled data (pseudo-labels) needs loss.kind=mdp")
         self.space = LabelSpace(self.labelled + self.unlabelled,
                                 [s.get("remap") for s in d["datasets"]] + [None] * len(self.unlabelled))
+        # (datasets, C): each labelled dataset's classes; unlabelled images may be any class
+        self.dataset_masks = self.space.class_masks()
+        self.dataset_masks[len(self.labelled):] = True
         held = ({i: held_out(len(x), t["probe_fraction"]) for i, x in enumerate(self.labelled)}
                 if t["probe_every"] else {})
         self.data = PretrainData(self.labelled + self.unlabelled, self.space, d["crop_size"],
@@ -315,16 +318,22 @@ class Trainer:
             if bool(unl.any()):
                 y1, y2, metrics["pseudo"] = self._pseudo(k1, k2, y1, y2, unl, batch)
         mx = self.cfg["mix"]
-        x1, ya, yb, lam, mixed = mix_batch(v1, y1, groups, g, prob=mx["prob"],
-                                           cutmix=mx["cutmix"], mixup=mx["mixup"])
+        x1, ya, yb, lam, mixed, partner = mix_batch(v1, y1, groups, g, prob=mx["prob"],
+                                                    cutmix=mx["cutmix"], mixup=mx["mixup"])
         lam, mixed = lam.to(dev), mixed.to(dev)
         metrics["mixed"] = float(mixed.float().mean())
         # Query views: [view 1 (or its mixed version), view 2, extra mixed view-1 samples]
+        # loss.dataset_aware: each query image's classes (its dataset's, or the union of both
+        # datasets' for a mixed image; every class for an unlabelled one)
+        own = self.dataset_masks[groups].to(dev)
+        both = torch.where(mixed[:, None], own | own[partner.to(dev)], own)
         if mx["replace_view"]:
             views, la, lb, lams = [x1, v2], [ya, y2], [yb, y2], [lam, torch.ones_like(lam)]
+            masks = [both, own]
         else:
             views, la, lb = [v1, v2, x1[mixed]], [y1, y2, ya[mixed]], [y1, y2, yb[mixed]]
             lams = [torch.ones_like(lam), torch.ones_like(lam), lam[mixed]]
+            masks = [own, own, both[mixed]]
         with self._autocast():
             out = self.ddp(torch.cat(views))
         head = out["cls"] if self.kind == "ce" else out["proj"]
@@ -334,11 +343,14 @@ class Trainer:
         s1, s2 = _down(y1, size), _down(y2, size)
         if self.kind == "mdp":
             soft = bool((lams < 1).any())
+            aware = lo["dataset_aware"]
             loss = self.criterion(head, la, torch.cat([k1, k2]), key_labels=torch.cat([s1, s2]),
-                                  labels_b=lb if soft else None, lam=lams if soft else None)
+                                  labels_b=lb if soft else None, lam=lams if soft else None,
+                                  class_mask=torch.cat(masks) if aware else None)
             metrics.update({k: float(v) for k, v in self.criterion.last_terms.items()})
             if self.con:
-                l_con = self._consistency(out, kout, b, torch.cat([s1, s2]))
+                l_con = self._consistency(out, kout, b, torch.cat([s1, s2]),
+                                          own if aware else None)
                 metrics["con"] = float(l_con.detach())
                 loss = loss + lo["alpha"] * l_con
             bank = self.criterion.bank
@@ -365,11 +377,13 @@ class Trainer:
         metrics.update(step=self.step, loss=float(loss.detach()), lr=self.opt.param_groups[0]["lr"])
         return metrics
 
-    def _consistency(self, out: dict, kout: dict, b: int, key_labels: Tensor) -> Tensor:
+    def _consistency(self, out: dict, kout: dict, b: int, key_labels: Tensor,
+                     class_mask: Tensor | None) -> Tensor:
         """Eqs. 7-8 between the query's view 2 (student) and the key's colour-only copy of
         it (teacher), in ``loss.con_space``: ``proj`` features against the class bank's
         prototypes, or ``bank``: con-head features against a bank of the key's con features
-        of views 1 and 2 with the same labels as the class bank."""
+        of views 1 and 2 with the same labels as the class bank. ``class_mask``: the view-2
+        images' classes (``loss.dataset_aware``), combined with the bank's."""
         lo = self.cfg["loss"]
         if lo["con_space"] == "proj":
             student, teacher = out["proj"][b:2 * b], kout["proj"][2 * b:]
@@ -380,7 +394,8 @@ class Trainer:
             protos, valid = self.con_bank.prototypes()
         return mk.prototype_consistency_loss(
             student, teacher.to(student.dtype), protos.to(student.dtype),
-            tau_student=lo["tau_student"], tau_teacher=lo["tau_teacher"], class_mask=valid,
+            tau_student=lo["tau_student"], tau_teacher=lo["tau_teacher"],
+            class_mask=valid if class_mask is None else class_mask & valid,
             backend=lo["backend"])
 
     @torch.no_grad()

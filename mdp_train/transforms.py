@@ -170,7 +170,7 @@ def partners(groups: Tensor, g: torch.Generator) -> Tensor:
 
 def mix_batch(imgs: Tensor, labels: Tensor, groups: Tensor, g: torch.Generator, *,
               prob: float = 1.0, cutmix: float = 0.5, mixup: float = 0.5
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Cross-dataset CutMix (Eq. 4) or Mixup (Eq. 5) per sample with a partner from another
     dataset. Each sample is mixed with probability ``prob``; a mixed sample gets CutMix
     (a box of the partner pasted, hard labels) or Mixup (images blended with
@@ -181,8 +181,9 @@ def mix_batch(imgs: Tensor, labels: Tensor, groups: Tensor, g: torch.Generator, 
         imgs: ``(B, 3, H, W)``; labels: ``(B, H, W)``; groups: ``(B,)`` dataset ids.
 
     Returns:
-        ``(mixed (B, 3, H, W), labels_a, labels_b, lam (B,), was_mixed (B,) bool)`` for
-        ``lam * L(labels_a) + (1 - lam) * L(labels_b)``.
+        ``(mixed (B, 3, H, W), labels_a, labels_b, lam (B,), was_mixed (B,) bool,
+        partner (B,) int64)`` for ``lam * L(labels_a) + (1 - lam) * L(labels_b)``; a mixed
+        sample holds content of its partner's image.
     """
     if not 0 <= prob <= 1 or cutmix < 0 or mixup < 0:
         raise ValueError(f"mix.prob must be in [0, 1] and the cutmix/mixup weights >= 0, got "
@@ -207,7 +208,7 @@ def mix_batch(imgs: Tensor, labels: Tensor, groups: Tensor, g: torch.Generator, 
             lam[i] = _u(g)
             out[i] = lam[i] * imgs[i] + (1 - lam[i]) * imgs[j]
             lb[i] = labels[j]
-    return out, la, lb, lam, mixed
+    return out, la, lb, lam, mixed, part
 
 
 def mean_box_area(n: int = 200_000, seed: int = 0) -> float:

@@ -210,12 +210,12 @@ def test_mix_batch_cross_dataset():
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
     part = T.partners(groups, torch.Generator().manual_seed(5))
     assert (groups[part] != groups).all()
-    out, la, lb, lam, mixed = T.mix_batch(imgs, labels, groups, g, cutmix=0.0, mixup=1.0)
+    out, la, lb, lam, mixed, _ = T.mix_batch(imgs, labels, groups, g, cutmix=0.0, mixup=1.0)
     assert mixed.all() and ((lam > 0) & (lam < 1)).all() and torch.equal(la, labels)
     j = lb[:, 0, 0]
     assert (groups[j] != groups).all()
     assert torch.allclose(out, lam.view(-1, 1, 1, 1) * imgs + (1 - lam.view(-1, 1, 1, 1)) * imgs[j])
-    out, la, lb, lam, _ = T.mix_batch(imgs, labels, groups, g, cutmix=1.0, mixup=0.0)
+    out, la, lb, lam, _, _ = T.mix_batch(imgs, labels, groups, g, cutmix=1.0, mixup=0.0)
     assert (lam == 1).all() and torch.equal(la, lb)
     for i in range(b):
         pasted = la[i] != i
@@ -237,7 +237,7 @@ def test_mix_prob_and_ratio():
     b = 400
     imgs, groups = torch.randn(b, 3, 8, 8), torch.arange(b) % 2
     labels = torch.arange(b).view(b, 1, 1).expand(b, 8, 8).clone()
-    _, _, lb, lam, mixed = T.mix_batch(imgs, labels, groups, g, prob=0.3, cutmix=1, mixup=3)
+    _, _, lb, lam, mixed, _ = T.mix_batch(imgs, labels, groups, g, prob=0.3, cutmix=1, mixup=3)
     assert abs(float(mixed.float().mean()) - 0.3) < 0.08
     blended = lam < 1
     assert not (blended & ~mixed).any()

@@ -290,3 +290,22 @@ def test_demo_learns_on_both_datasets(tmp_path, capsys):
     assert (tmp_path / "demo" / "prototypes.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "| voc |" in out and "cross-dataset alignment" in out and "prototypes.png" in out
+
+
+def test_dataset_aware_masks(tmp_path, monkeypatch):
+    """loss.dataset_aware: each image's softmax over its dataset's classes (class and
+    consistency terms); a mixed image over the union of both images' datasets."""
+    tr, rec, batch, m = _one_step(tmp_path, monkeypatch, "loss.dataset_aware=true",
+                                  "mix.prob=1", "mix.cutmix=1", "mix.mixup=0")
+    own = tr.dataset_masks[batch["dataset"]]
+    assert (own.sum(1) == torch.tensor([tr.space.sizes[d] for d in batch["dataset"]])).all()
+    _, ckw, _ = rec["criterion"][0]
+    b = own.shape[0]
+    cm = ckw["class_mask"]
+    assert cm.shape == (3 * b, tr.space.num_classes)
+    assert torch.equal(cm[:b], own) and torch.equal(cm[b:2 * b], own)
+    # the partner is from the other dataset: the union is both taxonomies
+    assert cm[2 * b:].all()
+    _, kw, _ = rec["con"][0]
+    assert torch.equal(kw["class_mask"], own & tr.criterion.bank.prototypes()[1])
+    assert m["loss"] > 0
