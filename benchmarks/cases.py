@@ -271,6 +271,19 @@ def floor(case: Case, x: dict) -> tuple[Callable[[], object], str]:
     return (lambda: [m() for m in prods]), f"{len(prods)} GEMM"
 
 
+def gemm_flops(case: Case) -> int:
+    """FLOPs of the matrix products of ``floor`` (0 for pooling, which has none): what an
+    implementation's throughput as a fraction of the machine's GEMM peak counts."""
+    if case.op == "pool":
+        return 0
+    if case.op == "pixel":
+        one = 2 * case.b * (case.hw * case.hw) ** 2 * case.d
+    else:
+        one = 2 * case.n * case.c * case.d
+    count = 1 + (case.op == "consistency") + case.backward + (case.backward and case.grad2)
+    return count * one
+
+
 def min_bytes(case: Case) -> int:
     """Bytes a perfectly fused implementation must move: read each input once, write each
     output once (per-pixel float32 statistics, int64 labels, gradients of the inputs'

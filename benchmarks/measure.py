@@ -53,6 +53,15 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     return statistics.median(times), reps
 
 
+def gemm_peak(device: torch.device, dtype: torch.dtype, *, n: int, budget_s: float) -> float:
+    """FLOP/s of one square ``n x n @ n x n`` matmul of ``dtype`` (median): the machine's
+    GEMM peak in this run, that every op's matrix-product throughput is compared with."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    t, _ = median_time(lambda: a @ b, device, budget_s=budget_s)
+    return 2 * n ** 3 / t
+
+
 def cuda_peak_extra(fn: Callable[[], object]) -> int:
     """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated before (bytes).
     Call after a warm-up so that one-time allocations are not counted."""

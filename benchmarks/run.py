@@ -85,6 +85,8 @@ def ratios(row: dict) -> dict:
             if base in imp and base != name:
                 q[key] = r["time_ms"] / imp[base]["time_ms"]
         q["floor"] = r["time_ms"] / row["floor"]["time_ms"]
+        if row.get("peak_gflops") and row.get("gflop"):
+            q["peak"] = row["gflop"] / (r["time_ms"] / 1e3) / row["peak_gflops"]
         if "bw_time_ms" in row:
             q["bandwidth"] = r["time_ms"] / row["bw_time_ms"]
         if ("eager" in imp and name != "eager" and r["mem_bytes"] is not None
@@ -103,15 +105,21 @@ def markdown(result: dict) -> str:
              + f"; torch {v['torch']}, triton {v['triton']}; commit "
              f"{(env['git']['commit'] or '?')[:10]}{' (dirty)' if env['git']['dirty'] else ''};"
              f" {env['date']}.", "",
+             "Square-GEMM peak in this run (n = " + str(result["gemm_peak_n"]) + "): "
+             + ", ".join(f"{dt} {v:.0f} GFLOP/s" for dt, v in result["gemm_peak_gflops"].items())
+             + ".", "",
              "Times are medians; `x eager` etc. are this row's time over that implementation's "
              "(below 1 is faster); `x floor` is over the bare GEMMs (or copies) the op needs, "
-             "timed in the same run; memory is the peak extra memory of one call and "
+             "timed in the same run; `% peak` is the op's matrix-product FLOP/s as a share of "
+             "a square GEMM of the same dtype timed in the same run (the machine's peak); "
+             "memory is the peak extra memory of one call and "
              "`mem x eager` its ratio to eager's. `eager` is the idiomatic PyTorch a user would "
              "write instead (`F.cross_entropy` on the logits; soft-target `F.cross_entropy` "
              "for consistency), `compile` its `torch.compile`; `reference` is this "
              "project's plain-PyTorch ground truth.", ""]
     bw = result["copy_bandwidth_gbs"] is not None
-    head = ["op", "mode", "case", "impl", "ms", "x eager", "x compile", "x LCE", "x floor"]
+    head = ["op", "mode", "case", "impl", "ms", "x eager", "x compile", "x LCE", "x floor",
+            "% peak"]
     head += ["x bytes/copy-bw"] if bw else []
     head += ["MB", "mem x eager"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -122,14 +130,17 @@ def markdown(result: dict) -> str:
         for name, r in row["impls"].items():
             q = row["ratios"][name]
             cells = [row["op"], row["mode"], row["label"], name, f(r["time_ms"], "{:.3g}"),
-                     f(q.get("eager")), f(q.get("compile")), f(q.get("lce")), f(q.get("floor"))]
+                     f(q.get("eager")), f(q.get("compile")), f(q.get("lce")), f(q.get("floor")),
+                     f(None if q.get("peak") is None else 100 * q["peak"], "{:.0f}")]
             cells += [f(q.get("bandwidth"))] if bw else []
             mb = None if r["mem_bytes"] is None else r["mem_bytes"] / 2**20
             cells += [f(mb, "{:.1f}"), f(q.get("mem"))]
             lines.append("| " + " | ".join(cells) + " |")
+        fl = (100 * row["gflop"] / (row["floor"]["time_ms"] / 1e3) / row["peak_gflops"]
+              if row.get("gflop") and row.get("peak_gflops") else None)
         lines.append(f"| {row['op']} | {row['mode']} | {row['label']} | *floor* | "
-                     f"{row['floor']['time_ms']:.3g} | | | | {row['floor']['what']} |"
-                     + (" |" if bw else "") + " | |")
+                     f"{row['floor']['time_ms']:.3g} | | | | {row['floor']['what']} | "
+                     f"{f(fl, '{:.0f}')} |" + (" |" if bw else "") + " | |")
     skipped = sorted({f"`{k}`: {v}" for row in result["results"]
                       for k, v in row["skipped"].items() if k in cases.KERNELS})
     failed = [f"{row['op']} {row['label']} `{k}`: {v}" for row in result["results"]
@@ -240,11 +251,15 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
     impls = [i for i in cases.IMPLS if compile_ or i != "compile"]
     case_list = PRESETS[preset]()
     bw = measure.copy_bandwidth(dev) if dev.type == "cuda" else None
+    peak_n = 256 if preset == "tiny" else 4096 if dev.type == "cuda" else 2048
+    peaks = {dt: measure.gemm_peak(dev, cases.DTYPES[dt], n=peak_n, budget_s=budget_s) / 1e9
+             for dt in sorted({c.dtype for c in case_list})}
     results = []
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{preset}-{device_slug(dev)}"
     result = {"schema": SCHEMA, "preset": preset, "device": dev.type, "stem": stem.name,
               "env": measure.environment(dev), "copy_bandwidth_gbs": bw and bw / 1e9,
+              "gemm_peak_gflops": peaks, "gemm_peak_n": peak_n,
               "memory_method": ("cuda max_memory_allocated delta after a warm-up"
                                 if dev.type == "cuda" else
                                 "VmHWM growth over one call in a fresh subprocess, after a "
@@ -254,6 +269,8 @@ def run(preset: str, out: Path, device: str = "auto", compile_: bool | None = No
               disable=quiet, file=sys.stderr) as bar:
         for case in case_list:
             row = _measure_case(case, impls, dev, threads, budget_s, bar, memory)
+            row["gflop"] = cases.gemm_flops(case) / 1e9
+            row["peak_gflops"] = peaks[case.dtype]
             if bw is not None:
                 row["bytes"] = cases.min_bytes(case)
                 row["bw_time_ms"] = 1e3 * row["bytes"] / bw

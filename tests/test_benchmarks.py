@@ -42,6 +42,9 @@ def test_tiny_preset_schema(tiny):
         assert set(row["ratios"]) == set(row["impls"])
         if "lce" in row["impls"]:
             assert "lce" in row["ratios"]["reference"] and "eager" in row["ratios"]["lce"]
+        # every op with matrix products gets its share of the GEMM peak of the same run
+        assert data["gemm_peak_gflops"][case.dtype] > 0
+        assert ("peak" in row["ratios"]["reference"]) == (case.op != "pool")
 
 
 def test_tiny_preset_ratios_finite(tiny):
@@ -98,6 +101,16 @@ def test_compile_competitor_matches_reference():
     case = Case(op="ce", n=300, d=16, c=19, grad2=True)
     for a, b in zip(_outputs(case, "compile"), _outputs(case, "reference")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_flops_match_the_floor():
+    for case in (Case(op="ce", n=64, d=8, c=5), Case(op="ce", n=64, d=8, c=5, grad2=True),
+                 Case(op="consistency", n=64, d=8, c=5),
+                 Case(op="pseudo", mode="fwd", n=64, d=8, c=5)):
+        gemms = int(cases.floor(case, cases.make_inputs(case, "cpu"))[1].split()[0])
+        assert cases.gemm_flops(case) == gemms * 2 * 64 * 8 * 5
+    assert cases.gemm_flops(Case(op="pixel", b=2, hw=3, d=4, c=5)) == 2 * 2 * 2 * 81 * 4
+    assert cases.gemm_flops(Case(op="pool", b=2, hw=3, d=4, c=5)) == 0
 
 
 def test_floor_gemm_counts():
