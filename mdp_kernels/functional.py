@@ -170,8 +170,12 @@ def masked_average_pool(feats: Tensor, labels: Tensor, num_classes: int, *,
         >>> means.shape, present.shape
         (torch.Size([2, 3, 8]), torch.Size([2, 3]))
     """
-    sums, counts = class_embedding_sums(feats, labels, num_classes, ignore_index=ignore_index,
-                                        backend=backend)
+    return _means(*class_embedding_sums(feats, labels, num_classes, ignore_index=ignore_index,
+                                        backend=backend))
+
+
+def _means(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Class means (0 where a class is absent) and presence, from class sums and counts."""
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts > 0
 
 
@@ -494,7 +498,9 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
         num_classes = max(int(seen.max()) + 1, 1) if seen.numel() else 1
     _check_num_classes(num_classes)
     V.check_ignore_index(ignore_index, num_classes)
-    name = dispatch.resolve(("pix_fwd", "pix_bwd"), backend, feats_q.device)
+    # the key-view class means run on the same backend: one resolution for all four phases
+    name = dispatch.resolve(("pix_fwd", "pix_bwd", "class_sums", "class_sums_bwd"), backend,
+                            feats_q.device)
     tokens = _tau_tokens(tau=tau)
     tq = checks.targets(labels_q, None, num_classes, ignore_index)
     tk = checks.targets(labels_k, None, num_classes, ignore_index)
@@ -503,9 +509,8 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
         return _plus(reference.pixel_contrast_loss(feats_q, tq, feats_k, tk, tau, -1,
                                                    reduction), tokens)
     checks.forbid_transforms("pixel_contrast_loss", name, feats_q, feats_k, tau)
-    means, present = masked_average_pool(feats_k, tk, num_classes, ignore_index=-1,
-                                         backend=backend)
     tq, tk = as_bp(tq), as_bp(tk)
+    means, present = _means(*ops.class_sums(as_bdp(feats_k), tk, num_classes, name))
     qvalid = (tq >= 0) & present.gather(1, tq.clamp(min=0))
     q, k = _carry_tau_grad(tau, feats_q, feats_k)
     lse = ops.pix_fwd(as_bdp(q), as_bdp(k), qvalid, tk >= 0, _tau_arg(tau), name, check_finite)
