@@ -119,3 +119,27 @@ def test_bad_options(backend):
             ours(f, p, y, backend, label_smoothing=bad)
     with pytest.raises(TypeError, match="label_smoothing must be a real number"):
         ours(f, p, y, backend, label_smoothing="0.1")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_under_compile_and_export(backend):
+    """The weight check runs inside compiled graphs and exported programs, and the options
+    and a per-image class mask give the eager numbers there."""
+    d = dev(backend)
+    f, p, y = make_case(2, 8, 5, (3, 3), device=d)
+    cm = torch.ones(2, 5, dtype=torch.bool, device=d)
+    cm[1, :2] = False
+
+    class Loss(torch.nn.Module):
+        def forward(self, f, w):
+            return mk.prototype_contrast_loss(f, p, y, weight=w, label_smoothing=0.1,
+                                              class_mask=cm, backend=backend)
+
+    w = torch.rand(5, device=d) + 0.1
+    eager = Loss()(f, w)
+    torch._dynamo.reset()
+    for run in (torch.compile(Loss(), fullgraph=True, backend="aot_eager"),
+                torch.export.export(Loss(), (f, w)).module()):
+        torch.testing.assert_close(run(f, w), eager)
+        with pytest.raises(ValueError, match=r"weight must lie in \[0, inf\)"):
+            run(f, -w)
