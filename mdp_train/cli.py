@@ -63,7 +63,12 @@ def _pretrain(args) -> None:
         sets = ", ".join(f"{n}@{o}" for n, o in zip(space.dataset_names, space.offsets))
         print(f"{len(trainer.data)} images, {space.num_classes} classes ({sets}), "
               f"{trainer.world} rank(s), step {trainer.step}/{trainer.total}, lr {trainer.lr:g}")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        trainer.close(wait=False)
+        raise
+    trainer.close()
     if trainer.rank == 0:
         print(trainer.summary())
 

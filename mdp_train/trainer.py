@@ -231,7 +231,8 @@ class Trainer:
     def _init_dist(self, device: str) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-        if world > 1 and not dist.is_initialized():
+        self._owns_group = world > 1 and not dist.is_initialized()
+        if self._owns_group:
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if cuda else "gloo")
@@ -547,6 +548,16 @@ class Trainer:
         for p in list(self.model.parameters()) + [x for m in banks for x in m.buffers()]:
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
+
+    def close(self, wait: bool = True) -> None:
+        """Tear down the process group this trainer created. With ``wait`` every rank first
+        waits for the others (a rank that exits while a peer still talks to it aborts that
+        peer); after a failure pass ``wait=False``, since the peers may never arrive."""
+        if self._owns_group and dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()
+            self._owns_group = False
 
     def rank_digests(self) -> list[str]:
         d = self.digest()
