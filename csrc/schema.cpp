@@ -36,6 +36,8 @@ TORCH_LIBRARY(mdp_ext, m) {
         "float tau, bool need_q, bool need_k) -> (Tensor, Tensor)");
   m.def("pseudo_label(Tensor feats, Tensor protos, Tensor? bias, float threshold, "
         "int ignore_index) -> (Tensor, Tensor)");
+  m.def("normalize_fwd(Tensor x, float eps) -> (Tensor, Tensor)");
+  m.def("normalize_bwd(Tensor grad, Tensor y, Tensor norm, float eps) -> Tensor");
   m.def("bank_slot(Tensor sums, Tensor counts) -> (Tensor, Tensor)");
   m.def("bank_prototypes(Tensor sums, Tensor counts, bool normalize) -> (Tensor, Tensor)");
 }

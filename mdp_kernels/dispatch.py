@@ -68,6 +68,10 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
 ``pseudo_label(feats, protos, bias, threshold, ignore_index) -> (labels (B,P) int64,
         scores (B,P) float32)``: score_i = max_k (f_i . P_k + bias_k), label_i = the
     lowest k attaining it if score_i >= threshold else ignore_index (no temperature).
+``normalize_fwd(x (B,D,P), eps) -> (y (B,D,P) x.dtype, norm (B,P) acc)``
+    F.normalize over D: norm_i = |x_i|, y_i = x_i / max(norm_i, eps).
+``normalize_bwd(grad (B,D,P), y, norm, eps) -> dx (B,D,P) y.dtype``
+    dx_i = (g_i - y_i (y_i . g_i)) / norm_i where norm_i >= eps, else g_i / eps.
 ``bank_slot(sums (B,C,D) acc, counts (B,C) int64) -> (S (C,D) acc, n (C,) acc)``
     S_j = sum_b [counts_bj > 0] sums_bj / counts_bj, n_j = sum_b [counts_bj > 0].
 ``bank_prototypes(sums (K,C,D), counts (K,C), normalize) -> (P (C,D), valid (C,) bool)``
@@ -87,13 +91,16 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # The phases every loss needs: a backend that has them all runs every public op.
 LOSS_OPS = ("class_sums", "class_sums_bwd", "ce_fwd", "ce_bwd", "con_fwd", "con_bwd",
             "pix_fwd", "pix_bwd", "pseudo_label")
-# Bank reductions (O(slots C D), no matmul): a backend without them leaves them to the
-# reference implementation on the same device (``resolve_phase``).
+# Bank reductions (O(slots C D)) and the feature normalisation (O(N D)), no matmul: a
+# backend without them leaves them to the reference implementation on the same device
+# (``resolve_phase``).
 BANK_OPS = ("bank_slot", "bank_prototypes")
+NORM_OPS = ("normalize_fwd", "normalize_bwd")
+ELEMENTWISE_OPS = BANK_OPS + NORM_OPS
 # Optional pairs a backend may add to save work in the backward (see the contract above).
 OPTIONAL_OPS = ("ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs",
                 "con_fwd_basis", "con_bwd_basis")
-OPS = LOSS_OPS + BANK_OPS + OPTIONAL_OPS
+OPS = LOSS_OPS + ELEMENTWISE_OPS + OPTIONAL_OPS
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
 # backend -> policy(op, num_classes, dim) -> "basis" | "probs" | "none": what the forward of
@@ -200,9 +207,10 @@ def resolve(ops: tuple[str, ...], backend: str, device: torch.device) -> str:
 
 
 def resolve_phase(op: str, backend: str, device: torch.device) -> str:
-    """``resolve((op,), ...)`` for a bank phase, which an explicit backend that lacks it
-    leaves to the reference (documented on ``PrototypeBank``)."""
-    if backend not in ("auto", "reference") and op in BANK_OPS and _device_ok(
+    """``resolve((op,), ...)`` for an elementwise phase (bank, normalisation), which a
+    kernel backend that lacks it leaves to the reference (documented on ``PrototypeBank``
+    and the losses' ``normalize``)."""
+    if backend not in ("auto", "reference") and op in ELEMENTWISE_OPS and _device_ok(
             backend, device) is None and op not in _kernels[backend]:
         return "reference"
     return resolve((op,), backend, device)

@@ -35,6 +35,14 @@ _TAU = r"""a positive number or a 0-d floating tensor; a tensor that requires gr
             float after the second value: dynamo then traces it as a symbol); the kernels
             read the value on the host, so a CUDA tensor costs one small copy per call"""
 
+_NORMALIZE = r"""if True, L2-normalise each pixel's embedding inside the op, exactly
+            ``F.normalize(x, dim=1)`` (eps 1e-12: a zero embedding stays zero), with the
+            gradient through the normalisation. On the cpu and triton backends that is one
+            fused pass over the features each way (``F.normalize`` makes a norm, a division
+            and their autograd graph), and nothing feature-sized beyond the normalised
+            features, which the loss keeps anyway; the reference and a backend without that
+            kernel (cuda) use ``F.normalize``'s formula"""
+
 _AUTOCAST = r"""Under ``torch.autocast`` the features and prototypes are cast to the
     autocast dtype first (float64 stays), as ``F.linear`` does; outside it their dtypes
     must match."""
@@ -63,7 +71,7 @@ def _check_num_classes(num_classes) -> None:
 def _shared_doc(fn):
     """Fill in the docstring parts that several ops share (each written once above)."""
     fn.__doc__ = (fn.__doc__.replace("@COMMON", _COMMON).replace("@TAU", _TAU)
-                  .replace("@AUTOCAST", _AUTOCAST))
+                  .replace("@AUTOCAST", _AUTOCAST).replace("@NORMALIZE", _NORMALIZE))
     return fn
 
 
@@ -98,6 +106,17 @@ def _carry_tau_grad(tau, prefer: Tensor, other: Tensor) -> tuple[Tensor, Tensor]
     if prefer.requires_grad:
         return prefer * one, other
     return prefer, other * one
+
+
+def _normalized(op: str, x: Tensor, backend: str) -> Tensor:
+    """``F.normalize(x, dim=1)`` for ``op``, in one pass each way on ``backend``'s kernel
+    (the reference's formula where the backend has none), in ``x``'s shape."""
+    name = dispatch.resolve_phase("normalize_fwd", backend, x.device)
+    if name == "reference" or x.numel() == 0:
+        return reference.normalize(x)
+    checks.forbid_transforms(op, name, x)
+    y, _ = ops.normalize(as_bdp(x), name)
+    return y[0].t() if x.dim() == 2 else y.unflatten(2, x.shape[2:])
 
 
 def _plus(result: Tensor, tokens: list[Tensor]) -> Tensor:
@@ -193,7 +212,8 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
                             class_mask: Tensor | None = None, labels_b: Tensor | None = None,
                             lam: float | Tensor | None = None, reduction: str = "mean",
                             weight: Tensor | None = None, label_smoothing: float = 0.0,
-                            check_finite: bool = True, backend: str = "auto") -> Tensor:
+                            normalize: bool = False, check_finite: bool = True,
+                            backend: str = "auto") -> Tensor:
     r"""Pixel-to-prototype contrastive loss (paper Eq. 3) with pixel-level mixing (Eq. 6).
 
     With :math:`z_{ik} = f_i \cdot P_k / \tau` over the allowed classes,
@@ -228,6 +248,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
             ``weight``, PyTorch's weighted form). With ``class_mask`` the uniform part spreads
             over the allowed classes only. Computed from the kernels' logsumexp and
             ``f_i . sum_k w_k P_k / tau`` (no extra pass over classes).
+        normalize: @NORMALIZE.
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
             read; turn off for speed).
         @COMMON
@@ -276,6 +297,8 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     V.check_class_weight(weight, c, feats.device)
     V.check_label_smoothing(label_smoothing)
     name = dispatch.resolve(("ce_fwd", "ce_bwd"), backend, feats.device)
+    if normalize:
+        feats = _normalized("prototype_contrast_loss", feats, name)
     tokens = _tau_tokens(tau=tau)
     if isinstance(lam, Tensor):
         tokens.append(checks.check_range(lam.detach(), "lam", 0.0, 1.0, False, False))
@@ -343,7 +366,8 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                                tau_teacher: float | Tensor = 0.04,
                                mask: Tensor | None = None, class_mask: Tensor | None = None,
                                kind: str = "ce", reduction: str = "mean",
-                               check_finite: bool = True, backend: str = "auto") -> Tensor:
+                               normalize: bool = False, check_finite: bool = True,
+                               backend: str = "auto") -> Tensor:
     r"""Pixel-to-prototype consistency (paper Eqs. 7-8).
 
     :math:`t_i = \mathrm{softmax}(g_i \cdot P / \tau_t)` from the teacher feature ``g_i`` at
@@ -366,6 +390,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
             does not count in "mean").
         kind: ``"ce"`` or ``"kl"``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
+        normalize: student and teacher both: @NORMALIZE.
         check_finite: raise ``ValueError`` on NaN/inf inputs.
         @COMMON
 
@@ -405,6 +430,9 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                              f"{tuple(mask.shape)}")
         V.check_same_device("mask", mask, "student", student)
     name = dispatch.resolve(("con_fwd", "con_bwd"), backend, student.device)
+    if normalize:
+        student = _normalized("prototype_consistency_loss", student, name)
+        teacher = _normalized("prototype_consistency_loss", teacher.detach(), name)
     tokens = _tau_tokens(tau_student=tau_student, tau_teacher=tau_teacher)
     if isinstance(tau_teacher, Tensor):
         tau_teacher = tau_teacher.detach()  # part of the stop-gradient teacher
@@ -436,7 +464,8 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
 def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labels_k: Tensor,
                         *, tau: float | Tensor = 0.07, ignore_index: int = -100,
                         num_classes: int | None = None, reduction: str = "mean",
-                        check_finite: bool = True, backend: str = "auto") -> Tensor:
+                        normalize: bool = False, check_finite: bool = True,
+                        backend: str = "auto") -> Tensor:
     r"""Pixel-to-pixel contrastive baseline (paper Eq. 1), per image, query view vs key view.
 
     .. math::
@@ -458,6 +487,7 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
             means; ``None`` infers ``max label + 1`` (a host sync: pass it under
             ``torch.compile``, and for meta tensors, which hold no values).
         reduction: ``"mean"`` (over contributing query pixels) | ``"sum"`` | ``"none"``.
+        normalize: queries and keys both: @NORMALIZE.
         check_finite: raise ``ValueError`` on NaN/inf features.
         @COMMON
 
@@ -501,6 +531,9 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
     # the key-view class means run on the same backend: one resolution for all four phases
     name = dispatch.resolve(("pix_fwd", "pix_bwd", "class_sums", "class_sums_bwd"), backend,
                             feats_q.device)
+    if normalize:
+        feats_q = _normalized("pixel_contrast_loss", feats_q, name)
+        feats_k = _normalized("pixel_contrast_loss", feats_k, name)
     tokens = _tau_tokens(tau=tau)
     tq = checks.targets(labels_q, None, num_classes, ignore_index)
     tk = checks.targets(labels_k, None, num_classes, ignore_index)

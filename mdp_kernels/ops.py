@@ -343,6 +343,46 @@ def _pix_backward(ctx, g_lse):
 pix_fwd.register_autograd(_once("pix_fwd", _pix_backward), setup_context=_pix_setup)
 
 
+# ---------------------------------------------------------------- feature normalisation
+NORM_EPS = 1e-12  # F.normalize's
+
+
+@torch.library.custom_op("mdp::normalize", mutates_args=())
+def normalize(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(y, norm): ``F.normalize(x, dim=1)`` of a (B, D, P) view and the per-pixel norms."""
+    return tuple(dispatch.kernel("normalize_fwd", backend)(x=x, eps=NORM_EPS))
+
+
+@normalize.register_fake
+def _(x, backend):
+    return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("mdp::normalize_bwd", mutates_args=())
+def normalize_bwd(grad: Tensor, y: Tensor, norm: Tensor, backend: str) -> Tensor:
+    return dispatch.kernel("normalize_bwd", backend)(grad=grad, y=y, norm=norm, eps=NORM_EPS)
+
+
+@normalize_bwd.register_fake
+def _(grad, y, norm, backend):
+    return torch.empty_like(y)
+
+
+def _normalize_setup(ctx, inputs, output):
+    ctx.save_for_backward(*output)
+    ctx.mark_non_differentiable(output[1])  # the norms are a by-product for the backward
+    ctx.backend = inputs[1]
+
+
+def _normalize_backward(ctx, g_y, _):
+    y, norm = ctx.saved_tensors
+    return _input_grads(normalize, x=normalize_bwd(g_y, y, norm, ctx.backend))
+
+
+normalize.register_autograd(_once("normalize", _normalize_backward),
+                            setup_context=_normalize_setup)
+
+
 # ---------------------------------------------------------------- pseudo-labels, bank
 @torch.library.custom_op("mdp::pseudo_label", mutates_args=())
 def pseudo_label(feats: Tensor, protos: Tensor, bias: Optional[Tensor], threshold: float,

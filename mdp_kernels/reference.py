@@ -38,6 +38,11 @@ def _per_image(class_mask: Tensor) -> Tensor:
     return class_mask.reshape(-1, 1, class_mask.shape[-1])
 
 
+def normalize(x: Tensor) -> Tensor:
+    """``F.normalize(x, dim=1)``: each pixel's embedding over its channel dim."""
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def _logits(f: Tensor, protos: Tensor, tau: float, class_mask: Tensor | None) -> Tensor:
     z = (f @ protos.t()).to(acc_dtype(f.dtype)) / tau
     if class_mask is not None:

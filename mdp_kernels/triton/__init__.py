@@ -18,12 +18,14 @@ from .class_sums import class_sums, class_sums_bwd
 from .con_bwd import con_bwd
 from .con_fwd import con_fwd
 from .pix_bwd import pix_bwd
+from .normalize import normalize_bwd, normalize_fwd
 from .pix_fwd import pix_fwd
 from .pseudo_label import pseudo_label
 
 KERNELS = {"class_sums": class_sums, "class_sums_bwd": class_sums_bwd, "ce_fwd": ce_fwd,
            "ce_bwd": ce_bwd, "con_fwd": con_fwd, "con_bwd": con_bwd, "pix_fwd": pix_fwd,
-           "pix_bwd": pix_bwd, "pseudo_label": pseudo_label}
+           "pix_bwd": pix_bwd, "pseudo_label": pseudo_label, "normalize_fwd": normalize_fwd,
+           "normalize_bwd": normalize_bwd}
 
 for _name, _fn in KERNELS.items():
     dispatch.register("triton", _name, _fn)
