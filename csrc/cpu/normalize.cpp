@@ -109,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor> normalize_fwd(const at::Tensor& x, double eps
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_bdp(x, "x");
   auto y = empty_like_bdp(x);
-  auto norm = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc_scalar_type(x.scalar_type())));
+  const auto acc = acc_scalar_type(x.scalar_type());
+  auto norm = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "normalize_fwd", [&] {
     normalize_fwd_kernel<scalar_t>(x, y, norm, eps);
   });

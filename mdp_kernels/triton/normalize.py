@@ -24,8 +24,22 @@ def _tile(ptr, b, p, d, sb, sd, sp, P, D, ACC: tl.constexpr):
 
 
 @triton.jit
+def _cast(v, ptr, EMULATE_RTNE: tl.constexpr):
+    """fp32 ``v`` in ``ptr``'s element type, rounded to nearest even as on the GPU. The
+    interpreter truncates fp32 -> bf16, which would double the error of the normalised
+    features that the loss multiplies, so there the rounding is done on the bits first
+    (finite values only: NaN stays NaN for the finiteness check)."""
+    if EMULATE_RTNE and ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v == v, u.to(tl.float32, bitcast=True), v)
+    return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _normalize_fwd(x_ptr, y_ptr, n_ptr, P, D, sxb, sxd, sxp, syb, syd, syp, eps,
-                   ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+                   ACC: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     ss = tl.zeros((BLOCK_P,), ACC)
@@ -34,18 +48,18 @@ def _normalize_fwd(x_ptr, y_ptr, n_ptr, P, D, sxb, sxd, sxp, syb, syd, syp, eps,
         ss += tl.sum(x * x, 1)
     r = tl.sqrt(ss)
     tl.store(n_ptr + b * P + p, r, mask=p < P)
-    inv = 1.0 / tl.maximum(r, eps)
+    inv = 1.0 / tl.where(r < eps, eps, r)  # NaN stays NaN, as torch's clamp_min
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         x, _, m = _tile(x_ptr, b, p, d, sxb, sxd, sxp, P, D, ACC)
         yo = b * syb + p[:, None] * syp + d[None, :] * syd
-        tl.store(y_ptr + yo, (x * inv[:, None]).to(y_ptr.dtype.element_ty), mask=m)
+        tl.store(y_ptr + yo, _cast(x * inv[:, None], y_ptr, INTERPRETED), mask=m)
 
 
 @triton.jit
 def _normalize_bwd(g_ptr, y_ptr, n_ptr, dx_ptr, P, D, sgb, sgd, sgp, syb, syd, syp,
-                   sxb, sxd, sxp, eps, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   sxb, sxd, sxp, eps, ACC: tl.constexpr, INTERPRETED: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     dot = tl.zeros((BLOCK_P,), ACC)
@@ -63,8 +77,8 @@ def _normalize_bwd(g_ptr, y_ptr, n_ptr, dx_ptr, P, D, sgb, sgd, sgp, syb, syd, s
         g, _, m = _tile(g_ptr, b, p, d, sgb, sgd, sgp, P, D, ACC)
         y, _, _ = _tile(y_ptr, b, p, d, syb, syd, syp, P, D, ACC)
         xo = b * sxb + p[:, None] * sxp + d[None, :] * sxd
-        tl.store(dx_ptr + xo, ((g - y * dot[:, None]) * inv[:, None]).to(
-            dx_ptr.dtype.element_ty), mask=m)
+        dx = (g - y * dot[:, None]) * inv[:, None]
+        tl.store(dx_ptr + xo, _cast(dx, dx_ptr, INTERPRETED), mask=m)
 
 
 def _acc(dtype: torch.dtype):
@@ -79,7 +93,7 @@ def normalize_fwd(x, eps):
     if bsz * npx:
         _normalize_fwd[(triton.cdiv(npx, BLOCK_P), bsz)](
             x, y, norm, npx, d, *x.stride(), *y.stride(), float(eps), ACC=_acc(x.dtype),
-            BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+            INTERPRETED=INTERPRET, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
     return y, norm
 
 
@@ -90,5 +104,6 @@ def normalize_bwd(grad, y, norm, eps):
     if bsz * npx:
         _normalize_bwd[(triton.cdiv(npx, BLOCK_P), bsz)](
             grad, y, norm.contiguous(), dx, npx, d, *grad.stride(), *y.stride(), *dx.stride(),
-            float(eps), ACC=_acc(y.dtype), BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
+            float(eps), ACC=_acc(y.dtype), INTERPRETED=INTERPRET, BLOCK_P=BLOCK_P,
+            BLOCK_D=BLOCK_D)
     return dx
