@@ -42,15 +42,24 @@ PHASES = {
     "pseudo": ("pseudo_label",),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Op options (``Case.option``): "" plain; for ce "weight" (F.cross_entropy's), "smoothing"
+# (label_smoothing=0.1), "mask" (a (C,) class mask, 20% of classes off), "mask_bc" (a
+# (B, C) mask, 20% off per image); for ce, consistency and pixel "normalize" (unnormalised
+# features, normalize=True; the baselines call F.normalize first).
+OPTIONS = {"ce": ("", "weight", "smoothing", "mask", "mask_bc", "normalize"),
+           "consistency": ("", "normalize"), "pixel": ("", "normalize")}
+SMOOTHING = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmark configuration.
 
-    ``ce``, ``consistency``, ``pseudo``: ``n`` pixels as an ``(N, D)`` matrix. ``pixel`` and
-    ``pool``: ``b`` images of ``hw x hw`` (per view), so ``n = b * hw**2``. ``grad2``: the
+    ``ce``, ``consistency``, ``pseudo``: ``n`` pixels as an ``(N, D)`` matrix, or for ``ce``
+    with ``b`` set ``b`` images of ``hw x hw`` (``(B, D, H, W)``). ``pixel`` and ``pool``:
+    ``b`` images of ``hw x hw`` (per view). With ``b``, ``n = b * hw**2``. ``grad2``: the
     second operand (prototypes; keys for ``pixel``) requires grad in ``fwdbwd`` mode.
+    ``option``: see ``OPTIONS``.
     """
     op: str
     mode: str = "fwdbwd"  # "fwd" | "fwdbwd"
@@ -61,14 +70,23 @@ class Case:
     hw: int = 0
     dtype: str = "float32"
     grad2: bool = False
+    option: str = ""
 
     def __post_init__(self):
         if self.op not in OPS or self.mode not in ("fwd", "fwdbwd"):
             raise ValueError(f"bad case {self}")
         if self.op == "pseudo" and self.mode != "fwd":
             raise ValueError("pseudo-labels have no backward")
-        if self.op in ("pixel", "pool"):
+        if self.option not in OPTIONS.get(self.op, ("",)):
+            raise ValueError(f"{self.op} has no option {self.option!r}")
+        if self.op == "ce" and self.option and not self.b:
+            raise ValueError("ce options are benchmarked on (B, D, H, W) inputs: set b and hw")
+        if self.op in ("pixel", "pool") or (self.op == "ce" and self.b):
             object.__setattr__(self, "n", self.b * self.hw * self.hw)
+
+    @property
+    def spatial(self) -> bool:
+        return self.op in ("pixel", "pool") or bool(self.b)
 
     @property
     def backward(self) -> bool:
@@ -79,13 +97,14 @@ class Case:
         return DTYPES[self.dtype]
 
     def label(self) -> str:
-        if self.op in ("pixel", "pool"):
+        if self.spatial:
             size = f"B={self.b} {self.hw}x{self.hw}"
         else:
             size = f"N={self.n}"
         grad = " P.grad" if self.grad2 and self.backward and self.op != "pixel" else ""
         grad = " k.grad" if self.grad2 and self.backward and self.op == "pixel" else grad
-        return f"{size} D={self.d} C={self.c} {self.dtype}{grad}"
+        opt = f" {self.option}" if self.option else ""
+        return f"{size} D={self.d} C={self.c} {self.dtype}{grad}{opt}"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,7 +112,9 @@ class Case:
 
 # ------------------------------------------------------------------ inputs
 def make_inputs(case: Case, device, seed: int = 0) -> dict:
-    """Unit-norm random features/prototypes of ``case.dtype`` and labels with 10% ignored.
+    """Unit-norm random features/prototypes of ``case.dtype`` and labels with 10% ignored
+    (features not normalised for the ``normalize`` option), and the option's tensors:
+    ``w`` class weights, ``cm`` a class mask.
 
     Leaves that the backward pass differentiates have ``requires_grad`` set.
     """
@@ -102,8 +123,9 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
     dt, d, c, n = case.torch_dtype, case.d, case.c, case.n
     bwd = case.backward
 
-    def unit(*shape, dim=-1, grad=False):
-        x = F.normalize(torch.randn(*shape, generator=g, device=device), dim=dim).to(dt)
+    def unit(*shape, dim=-1, grad=False, raw=False):
+        x = torch.randn(*shape, generator=g, device=device)
+        x = (x if raw else F.normalize(x, dim=dim)).to(dt)
         return x.requires_grad_(grad)
 
     def labels(*shape):
@@ -111,40 +133,82 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
         y[torch.rand(shape, generator=g, device=device) < 0.1] = IGNORE
         return y
 
+    raw = case.option == "normalize"
+    if case.op == "ce" and case.spatial:
+        x = {"f": unit(case.b, d, case.hw, case.hw, dim=1, grad=bwd, raw=raw),
+             "p": unit(c, d, grad=bwd and case.grad2), "y": labels(case.b, case.hw, case.hw)}
+        if case.option == "weight":
+            x["w"] = 0.5 + torch.rand(c, generator=g, device=device)
+        if case.option in ("mask", "mask_bc"):
+            rows = case.b if case.option == "mask_bc" else 1
+            x["cm"] = (torch.rand(rows, c, generator=g, device=device) >= 0.2).squeeze(0)
+        return x
     if case.op in ("ce", "pseudo"):
-        return {"f": unit(n, d, grad=bwd), "p": unit(c, d, grad=bwd and case.grad2),
+        return {"f": unit(n, d, grad=bwd, raw=raw), "p": unit(c, d, grad=bwd and case.grad2),
                 "y": labels(n)}
     if case.op == "consistency":
-        return {"f": unit(n, d, grad=bwd), "t": unit(n, d), "p": unit(c, d, grad=bwd and case.grad2)}
+        return {"f": unit(n, d, grad=bwd, raw=raw), "t": unit(n, d, raw=raw),
+                "p": unit(c, d, grad=bwd and case.grad2)}
     shape = (case.b, d, case.hw, case.hw)
     if case.op == "pool":
         return {"f": unit(*shape, dim=1, grad=bwd), "y": labels(case.b, case.hw, case.hw)}
-    return {"f": unit(*shape, dim=1, grad=bwd), "y": labels(case.b, case.hw, case.hw),
-            "k": unit(*shape, dim=1, grad=bwd and case.grad2), "yk": labels(case.b, case.hw, case.hw)}
+    return {"f": unit(*shape, dim=1, grad=bwd, raw=raw), "y": labels(case.b, case.hw, case.hw),
+            "k": unit(*shape, dim=1, grad=bwd and case.grad2, raw=raw),
+            "yk": labels(case.b, case.hw, case.hw)}
 
 
 # ------------------------------------------------------------------ implementations
 def _loss(case: Case, backend: str) -> Callable[[dict], torch.Tensor]:
     """The op through the public API, reduced to a scalar (a tensor for pseudo-labels)."""
-    op, c = case.op, case.c
+    op, c, opt = case.op, case.c, case.option
+    norm = {"normalize": True} if opt == "normalize" else {}
     if op == "ce":
-        return lambda x: mk.prototype_contrast_loss(x["f"], x["p"], x["y"], tau=TAU,
-                                                    ignore_index=IGNORE, backend=backend)
+        smooth = {"label_smoothing": SMOOTHING} if opt == "smoothing" else {}
+        return lambda x: mk.prototype_contrast_loss(
+            x["f"], x["p"], x["y"], tau=TAU, ignore_index=IGNORE, weight=x.get("w"),
+            class_mask=x.get("cm"), backend=backend, **smooth, **norm)
     if op == "consistency":
-        return lambda x: mk.prototype_consistency_loss(x["f"], x["t"], x["p"], backend=backend)
+        return lambda x: mk.prototype_consistency_loss(x["f"], x["t"], x["p"], backend=backend,
+                                                       **norm)
     if op == "pixel":
         return lambda x: mk.pixel_contrast_loss(x["f"], x["y"], x["k"], x["yk"], tau=TAU,
                                                 ignore_index=IGNORE, num_classes=c,
-                                                backend=backend)
+                                                backend=backend, **norm)
     if op == "pool":
         return lambda x: mk.masked_average_pool(x["f"], x["y"], c, ignore_index=IGNORE,
                                                 backend=backend)[0].sum()
     return lambda x: mk.pseudo_label(x["f"], x["p"], ignore_index=IGNORE, backend=backend)[0]
 
 
+def _masked_ce(x: dict) -> torch.Tensor:
+    """A class mask the way a user applies it: -inf logits, targets of masked classes
+    ignored (per image for a (B, C) mask)."""
+    f, y, cm = x["f"], x["y"], x["cm"]
+    rows = cm.expand(f.shape[0], -1) if cm.dim() == 1 else cm
+    z = torch.einsum("bdhw,cd->bchw", f, x["p"]) / TAU
+    z = z.masked_fill(~rows[:, :, None, None], float("-inf"))
+    keep = rows.gather(1, y.clamp(min=0).flatten(1)).view_as(y)
+    return F.cross_entropy(z, torch.where(keep, y, IGNORE), ignore_index=IGNORE)
+
+
 def _idiomatic(case: Case) -> Callable[[dict], torch.Tensor]:
-    """What a user writes without this library (the ``eager`` and ``compile`` baselines)."""
+    """What a user writes without this library (the ``eager`` and ``compile`` baselines):
+    with the ``normalize`` option, ``F.normalize`` first."""
+    opt = case.option
+    if opt == "normalize":
+        plain = _idiomatic(dataclasses.replace(case, option=""))
+        keys = ("f", "t", "k")
+        return lambda x: plain({k: F.normalize(v, dim=1) if k in keys else v
+                                for k, v in x.items()})
+    if case.op == "ce" and opt in ("mask", "mask_bc"):
+        return _masked_ce
     if case.op == "ce":
+        kw = {"weight": "w"} if opt == "weight" else {}
+        smooth = SMOOTHING if opt == "smoothing" else 0.0
+        if case.spatial:
+            return lambda x: F.cross_entropy(
+                torch.einsum("bdhw,cd->bchw", x["f"], x["p"]) / TAU, x["y"],
+                ignore_index=IGNORE, label_smoothing=smooth, **{k: x[v] for k, v in kw.items()})
         return lambda x: F.cross_entropy(x["f"] @ x["p"].t() / TAU, x["y"], ignore_index=IGNORE)
     if case.op == "consistency":
         def con(x):
@@ -199,6 +263,8 @@ def unavailable(case: Case, impl: str, device: torch.device) -> str | None:
         raise ValueError(f"unknown impl {impl!r}")
     if case.op != "ce":
         return f"{impl} computes a plain linear cross-entropy (the class loss only)"
+    if case.spatial or case.option:
+        return f"{impl} takes an (N, D) matrix and none of the options"
     module = _EXTERNAL[impl][1]
     if module is not None:
         if importlib.util.find_spec(module) is None:
@@ -248,6 +314,8 @@ def floor(case: Case, x: dict) -> tuple[Callable[[], object], str]:
         passes = 2 if case.backward else 1
         return (lambda: [f.clone() for _ in range(passes)]), f"{passes} copy of feats"
     f = x["f"].detach()
+    if op == "ce" and case.spatial:  # the products on (B, P, D) views, as the kernels see them
+        f = f.flatten(2).transpose(1, 2)
     if op == "pixel":
         q = f.flatten(2).transpose(1, 2)  # (B, P, D)
         k = x["k"].detach().flatten(2)    # (B, D, P)
@@ -259,7 +327,8 @@ def floor(case: Case, x: dict) -> tuple[Callable[[], object], str]:
                 prods.append(lambda: torch.bmm(dz.transpose(1, 2), q))
     else:
         p = x["p"].detach()
-        dz = torch.randn(f.shape[0], p.shape[0], device=dev, dtype=dt) if case.backward else None
+        dz = (torch.randn(*f.shape[:-1], p.shape[0], device=dev, dtype=dt) if case.backward
+              else None)
         prods = [lambda: f @ p.t()]
         if op == "consistency":
             t = x["t"]
@@ -267,7 +336,7 @@ def floor(case: Case, x: dict) -> tuple[Callable[[], object], str]:
         if case.backward:
             prods.append(lambda: dz @ p)
             if case.grad2:
-                prods.append(lambda: dz.t() @ f)
+                prods.append(lambda: dz.flatten(0, -2).t() @ f.flatten(0, -2))
     return (lambda: [m() for m in prods]), f"{len(prods)} GEMM"
 
 

@@ -2,11 +2,12 @@
 become the plots; the acceptance configurations are the rows people quote."""
 from __future__ import annotations
 
-from .cases import Case
+from .cases import OPTIONS, Case
 
 
 def tiny() -> list[Case]:
-    """CI smoke run (seconds): every op once, a 2-point sweep in N and in C."""
+    """CI smoke run (seconds): every op once, a 2-point sweep in N and in C, two CE
+    options against their plain row."""
     ce = dict(op="ce", d=32)
     return [
         Case(**ce, n=4096, c=19), Case(**ce, n=16384, c=19), Case(**ce, n=4096, c=64, grad2=True),
@@ -15,7 +16,7 @@ def tiny() -> list[Case]:
         Case(op="pixel", b=2, hw=16, c=19, d=32),
         Case(op="pool", b=2, hw=32, c=19, d=32),
         Case(op="pseudo", mode="fwd", n=4096, c=19, d=32),
-    ]
+    ] + [Case(op="ce", b=2, hw=32, c=19, d=32, option=o) for o in ("", "mask_bc", "normalize")]
 
 
 def cpu_small() -> list[Case]:
@@ -33,6 +34,16 @@ def cpu_small() -> list[Case]:
     out += [Case(op="pool", b=8, hw=hw, c=342) for hw in (64, 128)]
     out += [Case(op="pseudo", mode="fwd", n=n, c=c) for c in (342, 2048)]
     return out
+
+
+def cpu_options() -> list[Case]:
+    """The op options against the plain fused loss, on this machine (fp32, forward+backward,
+    N = 65,536 = 16 images of 64 x 64, D = 256, C = 342): every CE option, and
+    ``normalize`` for consistency and the pixel loss (their plain rows alongside)."""
+    ce = [Case(op="ce", b=16, hw=64, c=342, option=o) for o in OPTIONS["ce"]]
+    con = [Case(op="consistency", n=65536, c=342, option=o) for o in OPTIONS["consistency"]]
+    pix = [Case(op="pixel", b=8, hw=64, c=150, option=o) for o in OPTIONS["pixel"]]
+    return ce + con + pix
 
 
 def paper() -> list[Case]:
@@ -66,4 +77,4 @@ def gpu_check() -> list[Case]:
             Case(op="pseudo", mode="fwd", n=n0, c=342, **bf)]
 
 
-PRESETS = {"tiny": tiny, "cpu-small": cpu_small, "paper": paper, "gpu-check": gpu_check}
+PRESETS = {"tiny": tiny, "cpu-small": cpu_small, "cpu-options": cpu_options, "paper": paper, "gpu-check": gpu_check}

@@ -141,6 +141,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['op']} | {row['mode']} | {row['label']} | *floor* | "
                      f"{row['floor']['time_ms']:.3g} | | | | {row['floor']['what']} | "
                      f"{f(fl, '{:.0f}')} |" + (" |" if bw else "") + " | |")
+    lines += _options_table(result["results"])
     skipped = sorted({f"`{k}`: {v}" for row in result["results"]
                       for k, v in row["skipped"].items() if k in cases.KERNELS})
     failed = [f"{row['op']} {row['label']} `{k}`: {v}" for row in result["results"]
@@ -150,6 +151,34 @@ def markdown(result: dict) -> str:
     if failed:
         lines += ["", "Failed:", ""] + [f"- {s}" for s in failed]
     return "\n".join(lines) + "\n"
+
+
+def _options_table(results: list[dict]) -> list[str]:
+    """Each option row against the plain row of the same case (same run): the kernel
+    backends' time over their plain time, and each implementation's ratio to eager."""
+    key = lambda r: json.dumps(dict(r["case"], option=""), sort_keys=True)  # noqa: E731
+    plain = {key(r): r for r in results if not r["case"].get("option")}
+    out = []
+    for row in results:
+        base = plain.get(key(row))
+        if not row["case"].get("option") or base is None:
+            continue
+        for name in row["impls"]:
+            if name not in cases.KERNELS or name not in base["impls"]:
+                continue
+            t, t0 = row["impls"][name]["time_ms"], base["impls"][name]["time_ms"]
+            q = row["ratios"][name]
+            out.append(f"| {row['op']} | {base['label']} | {row['case']['option']} | {name} | "
+                       f"{t0:.3g} | {t:.3g} | {t / t0:.3f} | "
+                       + " | ".join("-" if q.get(k) is None else f"{q[k]:.2f}"
+                                    for k in ("eager", "compile")) + " |")
+    if not out:
+        return []
+    return ["", "Options against the plain fused op (same run): `x plain` is the option's time "
+            "over the plain call's; `x eager` / `x compile` against the idiomatic PyTorch "
+            "with that option (`F.normalize` first for `normalize`).", "",
+            "| op | case | option | impl | plain ms | option ms | x plain | x eager | "
+            "x compile |", "|---|---|---|---|---|---|---|---|---|"] + out
 
 
 def _sweeps(results: list[dict], var: str) -> list[tuple[str, list[dict]]]:

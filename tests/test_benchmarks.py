@@ -60,7 +60,13 @@ def test_tiny_preset_table_and_plot(tiny):
     md = (tiny / "tiny-cpu.md").read_text()
     data = json.loads((tiny / "tiny-cpu.json").read_text())
     rows = sum(len(r["impls"]) + 1 for r in data["results"])
-    assert md.count("\n| ") == rows + 1  # header + one line per implementation and floor
+    main, options = md.split("Options against the plain fused op")
+    assert main.count("\n| ") == rows + 1  # header + one line per implementation and floor
+    # one line per option row and kernel backend, its ratio to its plain row
+    kernels = [k for r in data["results"] if r["case"]["option"] for k in r["impls"]
+               if k in cases.KERNELS]
+    assert kernels and options.count("\n| ") == len(kernels) + 1
+    assert "| ce | B=2 32x32 D=32 C=19 float32 | mask_bc | cpu |" in options
     png = (tiny / "tiny-cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert run._sweeps(data["results"], "n") and run._sweeps(data["results"], "c")
@@ -71,6 +77,10 @@ SMALL = [Case(op="ce", n=300, d=16, c=19), Case(op="ce", n=300, d=16, c=19, grad
          Case(op="consistency", n=300, d=16, c=19, grad2=True),
          Case(op="pixel", b=2, hw=7, d=16, c=5, grad2=True), Case(op="pool", b=2, hw=9, d=16, c=19),
          Case(op="pseudo", mode="fwd", n=300, d=16, c=19)]
+SMALL += [Case(op="ce", b=2, hw=5, d=16, c=19, grad2=True, option=o)
+          for o in cases.OPTIONS["ce"]]
+SMALL += [Case(op="consistency", n=300, d=16, c=19, grad2=True, option="normalize"),
+          Case(op="pixel", b=2, hw=7, d=16, c=5, grad2=True, option="normalize")]
 
 
 def _outputs(case, impl):
@@ -81,7 +91,8 @@ def _outputs(case, impl):
     return [out]
 
 
-@pytest.mark.parametrize("case", SMALL, ids=lambda c: f"{c.op}-{c.mode}-{c.grad2}")
+@pytest.mark.parametrize("case", SMALL,
+                         ids=lambda c: f"{c.op}-{c.mode}-{c.grad2}-{c.option or 'plain'}")
 def test_implementations_agree(case):
     """What is timed is the same computation: every runnable impl matches the reference
     (the loss forward, the input gradients after forward+backward)."""
@@ -129,6 +140,9 @@ def test_case_validation():
     with pytest.raises(ValueError):
         Case(op="softmax", n=8)
     assert Case(op="pool", b=2, hw=8).n == 128
+    assert Case(op="ce", b=2, hw=8, option="mask_bc").n == 128
+    with pytest.raises(ValueError, match="no option"):
+        Case(op="pool", b=2, hw=8, option="normalize")
 
 
 def test_memprobe_measures_the_logits():
