@@ -259,14 +259,22 @@ def measure(data: Path, sets, extra: dict, budget: dict, steps: int, root: Path)
             "eval_s": ev[0], "eval_cpu_s": ev[1]}
 
 
+def run_seconds(rates: dict, budget: dict, n_pre: int, n_fin: int, cpu: bool = False) -> float:
+    """Seconds of ``n_pre`` pretrainings and ``n_fin`` fine-tunings + evaluations of
+    ``budget`` at ``rates`` (``pretrain_s_per_step``, ``finetune_s_per_step``, ``eval_s``, or
+    their ``_cpu`` versions)."""
+    k = "_cpu" if cpu else ""
+    return (n_pre * budget["pretrain"]["steps"] * rates[f"pretrain{k}_s_per_step"]
+            + n_fin * (budget["finetune"]["steps"] * rates[f"finetune{k}_s_per_step"]
+                       + rates[f"eval{k}_s"]))
+
+
 def extrapolate(rates: dict, budget: dict, n_pre: int, n_fin: int) -> dict:
     """``n_pre`` pretrainings and ``n_fin`` fine-tunings (+ evaluations) of ``budget`` at the
     measured ``rates``: minutes at this load (wall) and on a quiet machine (CPU seconds /
     cores). On a shared machine the wall time is inflated by the other jobs."""
     cores = os.cpu_count() or 1
-    tot = [n_pre * budget["pretrain"]["steps"] * rates[f"pretrain{k}_s_per_step"]
-           + n_fin * (budget["finetune"]["steps"] * rates[f"finetune{k}_s_per_step"]
-                      + rates[f"eval{k}_s"]) for k in ("", "_cpu")]
+    tot = [run_seconds(rates, budget, n_pre, n_fin, cpu) for cpu in (False, True)]
     return {"pretrain_runs": n_pre, "finetune_runs": n_fin,
             "total_minutes_at_this_load": tot[0] / 60,
             "total_minutes_quiet_estimate": tot[1] / cores / 60,
