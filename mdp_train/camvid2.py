@@ -63,9 +63,10 @@ ARMS = {
     "mdp_a1b": ("MDP, A1+B (no unlabelled)", {}, ("A1", "B")),
 }
 SHORT = {"scratch": "scratch", "mdp": "MDP A+B", "mdp_a": "MDP A", "ce": "CE A+B",
-         "mdp_nomix": "no mixing", "mdp_nocon": "no consistency", "pixel": "pixel-to-pixel",
-         "mdp_aware": "dataset-aware", OTHER_ARM: f"con_space={OTHER_CON}",
-         "mdp_semi": "A1+B+A2 (semi)", "mdp_a1b": "A1+B"}
+         "mdp_nomix": "MDP w/o mixing", "mdp_nocon": "MDP w/o consistency",
+         "pixel": "pixel-to-pixel w/o mixing", "mdp_aware": "MDP dataset-aware",
+         OTHER_ARM: f"MDP con_space={OTHER_CON}", "mdp_semi": "MDP A1+B+A2 (semi)",
+         "mdp_a1b": "MDP A1+B"}
 
 # name: (what it is, the fine-tuning flags, FinetuneConfig fields)
 PROTOCOLS = {
@@ -176,6 +177,10 @@ def fmt_diff(p: dict) -> str:
     return f"{p['mean']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]"
 
 
+def _secs(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
 def _pm(mu: float, sd: float) -> str:
     if math.isnan(mu):
         return "-"
@@ -246,7 +251,8 @@ def run_unit(data: Path, arm: str, seed: int, budget: dict, root: Path, units: P
             wall = time.time() - t
         classes = r["classes"]
         protos[proto] = {
-            "miou": r["miou"], "acc": r["acc"], "iou": r["iou"], "init": r["init"],
+            "miou": r["miou"], "acc": r["acc"], "iou": r["iou"],
+            "init": r["init"].replace(str(REPO) + os.sep, ""),  # no machine paths in git
             "frozen_backbone": r["frozen_backbone"], "flags": PROTOCOLS[proto][1],
             "train_seconds": r["train_seconds"], "wall_seconds": wall,
             "first_loss": r["first_loss"], "last_loss": r["last_loss"],
@@ -315,7 +321,6 @@ def reading(units: dict) -> list[str]:
                "not established."))
     else:
         out.append("- A+B vs A ordering with the dataset-aware softmax: no data yet.")
-    scr = values(units, "scratch", PRIMARY)
     for proto in PROTOCOLS:
         above, below, unres = [], [], []
         for arm in ARMS:
@@ -326,7 +331,7 @@ def reading(units: dict) -> list[str]:
                 continue
             (above if p["resolved"] and p["mean"] > 0 else
              below if p["resolved"] else unres).append(SHORT[arm])
-        if scr and (above or below or unres):
+        if above or below or unres:
             out.append(f"- vs scratch, {proto}: resolved above: {', '.join(above) or 'none'}; "
                        f"resolved below: {', '.join(below) or 'none'}; unresolved (or one "
                        f"seed): {', '.join(unres) or 'none'}.")
@@ -393,7 +398,8 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
            else units_dir)
     commits = sorted({(u["git"]["commit"][:10] + ("+dirty" if u["git"]["dirty"] else ""))
                       for u in units.values()})
-    cpu_h = sum(u["seconds"] for u in units.values()) / 3600
+    wall = sum(u["seconds"] for u in units.values())
+    wall = f"{wall / 3600:.2f} h" if wall >= 3600 else f"{wall / 60:.1f} min"
     mx, lo, se = (config.DEFAULTS[k] for k in ("mix", "loss", "semi"))
     md += [
         "## Setup", "",
@@ -406,9 +412,9 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
         f"`test_*` frames at 0.5 scale.",
         "- Data: " + "; ".join(DATA[k][1] for k in ("A", "B", "A1", "A2")) + ". Downstream "
         "0001TP is a third drive (dusk), never pretrained on.",
-        f"- Seeds: {budget['seeds']} pretraining seeds; fine-tuning seed k starts from "
-        f"pretraining seed k, so a seed is one (pretraining, fine-tuning) pair and arms are "
-        f"compared paired by seed.",
+        f"- Seeds: {budget['seeds']} per arm; fine-tuning seed k starts from pretraining seed "
+        f"k, so a seed is one (pretraining, fine-tuning) pair and arms are compared paired by "
+        f"seed.",
         "- Protocols: " + "; ".join(f"`{k}` = {v[0]} (`{v[1]}`)" for k, v in PROTOCOLS.items())
         + f". The probe and `all` run for {', '.join(SHORT[a] for a in SIDE_ARMS)} only; "
         "scratch has no checkpoint, so its `all` is its `backbone` run.",
@@ -420,8 +426,9 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
         "- Statistics: mean +- sample std over seeds; paired difference a - b over the seeds "
         "both arms have, with its 95% t-interval (n - 1 dof; n/a for one seed); resolved = "
         "the interval excludes 0.",
-        f"- Units: `{rel}/<arm>-seed<k>.json`; code {', '.join(commits) or '-'}; compute "
-        f"{cpu_h:.2f} h wall for the units' new work on {os.cpu_count()} CPU cores.", ""]
+        f"- Units: `{rel}/<arm>-seed<k>.json`; code {', '.join(commits) or '-'}; {wall} "
+        f"wall time for the units' new work (a resumed pretraining counts its last session) "
+        f"on {os.cpu_count()} CPU cores.", ""]
     for proto, (what, flags, _) in PROTOCOLS.items():
         md += [f"## {proto}: {what} (`{flags}`)", "",
                "| arm | n | mIoU (%) mean +- std | per seed | vs MDP A+B [95% CI] | resolved | "
@@ -472,9 +479,11 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
            "| --- | --- | --- | ---: | ---: | --- |"]
     for arm, (label, extra, sets) in ARMS.items():
         us = [u for (a, _), u in units.items() if a == arm]
-        pre = f"{np.mean([u['pretrain_seconds'] for u in us]):.0f}" if us else "-"
-        fin = ", ".join(f"{k} {np.mean([u['protocols'][k]['train_seconds'] for u in us]):.0f}"
-                        for k in protocols(arm)) if us else "-"
+        pre = _secs(np.mean([u["pretrain_seconds"] for u in us])) if us else "-"
+        fin = ", ".join(
+            f"{k} = {u0['same_run_as']}" if "same_run_as" in u0 else
+            f"{k} {_secs(np.mean([u['protocols'][k]['train_seconds'] for u in us]))}"
+            for k, u0 in us[0]["protocols"].items()) if us else "-"
         ov = "-" if extra is None else ", ".join(_dotted(extra)) or "defaults"
         md.append(f"| {label} | {'+'.join(sets) or '-'} | {ov} | {len(us)} | {pre} | {fin} |")
     md.append("")
@@ -529,9 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", nargs="*", choices=list(ARMS),
                     help="run only these arms (the report still expects every arm)")
     ap.add_argument("--threads", type=int,
-                    help="torch CPU threads (default: torch's). On a machine shared with other "
-                         "jobs, 1 avoids oversubscription: a niced 2-thread smoke run took "
-                         "~10x longer than a 1-thread one while another job held the cores")
+                    help="torch CPU threads (default: torch's, one per core). On a machine "
+                         "shared with other jobs, 1 avoids oversubscribing the cores")
     ap.add_argument("--report-only", action="store_true",
                     help="regenerate the report from the unit JSONs, train nothing")
     ap.add_argument("--estimate", type=int, metavar="STEPS",

@@ -148,8 +148,8 @@ def test_camvid_frame_halves_split_drive_0016E5():
 
 @pytest.fixture
 def one_thread():
-    """One torch thread: on a shared 2-core machine two threads of a niced test can run ~10x
-    slower than one."""
+    """One torch thread: a niced test on a 2-core machine shared with another job does not
+    oversubscribe the cores (while such a job ran, this test took 64 s with 2 threads)."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
