@@ -37,8 +37,8 @@ import numpy as np
 from . import config, files
 from .experiment import (BUDGETS, DATA, DEFAULT_DATA, REPO, _dotted, extrapolate,
                          finetune_opts, measure, pretrain, run_seconds)
+from .trainer import CON_SPACES
 
-CON_SPACES = ("proj", "bank")  # as trainer.CON_SPACES (not imported: --report-only needs no torch)
 DEFAULT_CON = config.DEFAULTS["loss"]["con_space"]
 OTHER_CON = next(c for c in CON_SPACES if c != DEFAULT_CON)
 CON_WHAT = {"proj": "consistency on the proj features against the class prototypes",

@@ -218,3 +218,27 @@ def test_end_to_end_two_arms_resume_and_skip(tmp_path, monkeypatch, one_thread):
     (res / "camvid2-quick.md").unlink()
     C.main(args + ["--report-only"])
     assert "PARTIAL: 2 of 11 units" in (res / "camvid2-quick.md").read_text()
+
+
+@needs_camvid
+def test_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypatch, one_thread):
+    import mdp_train.experiment as E
+    from mdp_train.trainer import Trainer
+    budget = C.BUDGETS2["quick"]
+    pre = tmp_path / "mdp_a" / "pretrain-seed0"
+    _, extra, sets = C.ARMS["mdp_a"]
+    cfg = E.pretrain_config(CAMVID, sets, extra, budget, 0, pre)
+    cfg["train"]["progress"] = False
+    Trainer(cfg).fit(max_steps=1)  # interrupted after step 1 (checkpointed: save_every 1)
+    assert (pre / "checkpoint.pt").is_file() and not (pre / "done.json").exists()
+    starts = []
+    fit = Trainer.fit
+
+    def recording(self, *a, **k):
+        starts.append(self.step)
+        return fit(self, *a, **k)
+    monkeypatch.setattr(Trainer, "fit", recording)
+    ckpt, _ = E.pretrain(CAMVID, sets, extra, budget, 0, pre)
+    assert starts == [1] and ckpt == pre / "checkpoint.pt" and (pre / "done.json").is_file()
+    E.pretrain(CAMVID, sets, extra, budget, 0, pre)  # finished: not even resumed
+    assert starts == [1]
