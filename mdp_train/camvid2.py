@@ -392,7 +392,8 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
     if missing:
         md += [f"**PARTIAL.** Missing (arm, seed) units ({len(missing)}): "
                + ", ".join(f"{a} seed {s}" for a, s in missing) + ".", "",
-               f"Finish (resumable; skips the {len(expected) - len(missing)} done): `{finish}`",
+               f"Finish (from the repository root; resumable, skips the "
+               f"{len(expected) - len(missing)} done units): `{finish}`",
                ""]
     rel = (units_dir.resolve().relative_to(REPO) if units_dir.resolve().is_relative_to(REPO)
            else units_dir)
