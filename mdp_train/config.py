@@ -8,8 +8,10 @@ import yaml
 
 DEFAULTS: dict = {
     "data": {
-        "datasets": [],        # [{type: voc|ade20k|cityscapes|coco_stuff|folder, root, ..., remap}]
-        "unlabelled": [],      # [{type: images, root}]: pseudo-labelled (semi-supervised)
+        # [{type: voc|ade20k|cityscapes|coco_stuff|folder, root, ..., remap, frames}]
+        # frames (optional): first_half | second_half | [start, stop] of the sorted images
+        "datasets": [],
+        "unlabelled": [],      # [{type: images, root, frames}]: pseudo-labelled (semi-supervised)
         "crop_size": 224,
         "crop_scale": [0.2, 1.0],
         "workers": 4,

@@ -227,13 +227,47 @@ class ImageFolder(SegDataset):
 
 READERS = {"voc": VOC, "ade20k": ADE20K, "cityscapes": Cityscapes, "coco_stuff": COCOStuff,
            "folder": Folder, "images": ImageFolder}
+FRAME_HALVES = ("first_half", "second_half")
+
+
+def frame_range(n: int, frames, where: str = "dataset") -> range:
+    """The indices ``frames`` selects among a reader's ``n`` pairs (in the reader's sorted
+    order, e.g. a video drive's frames in time order): ``"first_half"`` = the first
+    ``n // 2``, ``"second_half"`` = the rest (the two are disjoint and cover all ``n``), or
+    ``[start, stop]`` = ``start <= i < stop``. Anything else is a ``DataError`` naming
+    ``where``."""
+    if frames == "first_half":
+        return range(0, n // 2)
+    if frames == "second_half":
+        return range(n // 2, n)
+    if isinstance(frames, str):
+        raise DataError(f"{where}: frames must be one of {FRAME_HALVES} or [start, stop], "
+                        f"got {frames!r}")
+    ok = (isinstance(frames, (list, tuple)) and len(frames) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in frames))
+    if not ok:
+        raise DataError(f"{where}: frames must be one of {FRAME_HALVES} or [start, stop] "
+                        f"(two ints), got {frames!r}")
+    start, stop = frames
+    if not 0 <= start < stop <= n:
+        raise DataError(f"{where}: frames [{start}, {stop}] must satisfy 0 <= start < stop <= "
+                        f"{n} (the reader has {n} images)")
+    return range(start, stop)
 
 
 def build_dataset(spec: dict) -> SegDataset:
     """``{"type": "voc", "root": ..., <reader kwargs>}`` -> reader (``remap`` is handled by
-    :class:`~mdp_train.labels.LabelSpace`)."""
+    :class:`~mdp_train.labels.LabelSpace`). ``frames`` (optional, any reader) keeps a subset
+    of the reader's sorted pairs (:func:`frame_range`): e.g. the two halves of one drive, one
+    labelled and one read as unlabelled images (``type: images``, whose labels are never
+    opened)."""
     spec = {k: v for k, v in spec.items() if k != "remap"}
     kind = spec.pop("type", None)
+    frames = spec.pop("frames", None)
     if kind not in READERS:
         raise ValueError(f"dataset type must be one of {sorted(READERS)}, got {kind!r}")
-    return READERS[kind](**spec)
+    ds = READERS[kind](**spec)
+    if frames is not None:
+        keep = frame_range(len(ds), frames, f"dataset {ds.name!r} ({ds.root})")
+        ds.pairs = [ds.pairs[i] for i in keep]
+    return ds

@@ -31,15 +31,34 @@ from .finetune import FinetuneConfig
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "camvid"
 
-ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets)
-    "scratch": ("scratch (random init)", None, ""),
-    "mdp": ("MDP, A+B", {}, "AB"),
-    "mdp_a": ("MDP, A only", {}, "A"),
-    "mdp_nomix": ("MDP w/o mixing, A+B", {"mix": {"prob": 0}}, "AB"),
-    "mdp_nocon": ("MDP w/o consistency, A+B", {"loss": {"alpha": 0}}, "AB"),
-    "pixel": ("pixel-to-pixel, A+B", {"loss": {"kind": "pixel"}, "mix": {"mixup": 0}}, "AB"),
-    "ce": ("concatenated-label CE, A+B", {"loss": {"kind": "ce"}}, "AB"),
-    "mdp_semi": ("MDP semi-supervised, A+B+U", {}, "ABU"),
+ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets: DATA keys)
+    "scratch": ("scratch (random init)", None, ()),
+    "mdp": ("MDP, A+B", {}, ("A", "B")),
+    "mdp_a": ("MDP, A only", {}, ("A",)),
+    "mdp_nomix": ("MDP w/o mixing, A+B", {"mix": {"prob": 0}}, ("A", "B")),
+    "mdp_nocon": ("MDP w/o consistency, A+B", {"loss": {"alpha": 0}}, ("A", "B")),
+    "pixel": ("pixel-to-pixel, A+B", {"loss": {"kind": "pixel"}, "mix": {"mixup": 0}},
+              ("A", "B")),
+    "ce": ("concatenated-label CE, A+B", {"loss": {"kind": "ce"}}, ("A", "B")),
+    "mdp_semi": ("MDP semi-supervised, A+B+U", {}, ("A", "B", "U")),
+}
+
+# The pretraining sets an arm can name: (labelled?, what it is, its reader spec under the
+# CamVid root). A1/A2 split drive 0016E5 by frame (time order): A1 = the first half
+# (labelled), A2 = the second half read as plain images, so its labels are never opened.
+DATA = {
+    "A": (True, "A = 0016E5, 305 frames, 11 classes",
+          {"type": "folder", "subsets": ["0016E5"], "name": "A"}),
+    "A1": (True, "A1 = the first half of 0016E5's frames in time order (152), 11 classes",
+           {"type": "folder", "subsets": ["0016E5"], "name": "A1", "frames": "first_half"}),
+    "B": (True, "B = 0006R0, 101 frames, 7 coarse classes (configs/camvid_coarse.txt)",
+          {"type": "folder", "subsets": ["0006R0"], "name": "B",
+           "remap": str(REPO / "configs" / "camvid_coarse.txt")}),
+    "U": (False, "U = 0006R0's images without labels (the images of B)",
+          {"type": "images", "sub": "0006R0/images", "name": "U"}),
+    "A2": (False, "A2 = the second half of 0016E5's frames (153) as unlabelled images, "
+                  "disjoint from A1, labels never read",
+           {"type": "images", "sub": "0016E5/images", "name": "A2", "frames": "second_half"}),
 }
 
 # Model and step budgets. "full" takes about 40 min on a quiet 2-core CPU (measured wall
@@ -74,15 +93,23 @@ def _dotted(tree: dict, where: str = "") -> list[str]:
     return out
 
 
-def pretrain_config(data: Path, arm: str, budget: dict, seed: int, out: Path) -> dict:
+def dataset_specs(data: Path, sets) -> tuple[list[dict], list[dict]]:
+    """The labelled and the unlabelled reader specs of ``sets`` (keys of ``DATA``)."""
+    lab, unl = [], []
+    for key in sets:
+        labelled, _, spec = DATA[key]
+        spec = dict(spec)
+        sub = spec.pop("sub", None)
+        spec["root"] = str(data / sub if sub else data)
+        (lab if labelled else unl).append(spec)
+    return lab, unl
+
+
+def pretrain_config(data: Path, sets, extra: dict, budget: dict, seed: int, out: Path) -> dict:
+    """The pretraining config of an arm: ``sets`` (keys of ``DATA``), ``extra`` (its
+    overrides of the defaults), ``budget``'s model and steps."""
     m, p = budget["model"], budget["pretrain"]
-    _, extra, sets = ARMS[arm]
-    specs = [{"type": "folder", "root": str(data), "subsets": ["0016E5"], "name": "A"}]
-    if "B" in sets:
-        specs.append({"type": "folder", "root": str(data), "subsets": ["0006R0"], "name": "B",
-                      "remap": str(REPO / "configs" / "camvid_coarse.txt")})
-    unl = ([{"type": "images", "root": str(data / "0006R0" / "images"), "name": "U"}]
-           if "U" in sets else [])
+    specs, unl = dataset_specs(data, sets)
     base = {
         "data": {"datasets": specs, "unlabelled": unl, "crop_size": p["crop"], "workers": 1},
         "model": {"arch": m["arch"], "width": m["width"], "channels": m["channels"],
@@ -104,24 +131,32 @@ def finetune_opts(data: Path, budget: dict, seed: int, init: Path | None,
         crop=list(f["crop"]), seed=seed)
 
 
+def pretrain(data: Path, sets, extra: dict, budget: dict, seed: int, pre: Path
+             ) -> tuple[Path, float]:
+    """Pretrain into ``pre`` unless ``pre/done.json`` says it finished (an interrupted run
+    resumes from ``pre/checkpoint.pt``); returns the checkpoint and the pretraining seconds
+    (those of the call that finished it)."""
+    from .trainer import Trainer
+    if (pre / "done.json").is_file():
+        return pre / "checkpoint.pt", json.loads((pre / "done.json").read_text())["seconds"]
+    t0 = time.time()
+    Trainer(pretrain_config(data, sets, extra, budget, seed, pre)).fit()
+    seconds = time.time() - t0
+    files.write_text(pre / "done.json", json.dumps({"seconds": seconds}) + "\n")
+    return pre / "checkpoint.pt", seconds
+
+
 def run_arm(data: Path, arm: str, budget: dict, seed: int, root: Path) -> dict:
     """Pretrain (resuming) and fine-tune one (arm, seed) unless its result exists."""
     from .finetune import finetune
-    from .trainer import Trainer
     run = root / arm / f"seed{seed}" / "finetune"
     if (run / "result.json").is_file():
         return json.loads((run / "result.json").read_text())
     init, pre_s, t0 = None, 0.0, time.time()
-    if ARMS[arm][1] is not None:
+    _, extra, sets = ARMS[arm]
+    if extra is not None:
         ps = seed % budget["pretrain_seeds"]
-        pre = root / arm / f"pretrain-seed{ps}"
-        init = pre / "checkpoint.pt"
-        if (pre / "done.json").is_file():
-            pre_s = json.loads((pre / "done.json").read_text())["seconds"]
-        else:
-            Trainer(pretrain_config(data, arm, budget, ps, pre)).fit()
-            pre_s = time.time() - t0
-            files.write_text(pre / "done.json", json.dumps({"seconds": pre_s}) + "\n")
+        init, pre_s = pretrain(data, sets, extra, budget, ps, root / arm / f"pretrain-seed{ps}")
     res = finetune(finetune_opts(data, budget, seed, init, run))
     res["pretrain_seconds"] = pre_s
     res["wall_seconds"] = time.time() - t0  # this call: new pretraining (if any) + fine-tuning
@@ -195,14 +230,13 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
     return "\n".join(md)
 
 
-def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
-    """Time ``steps`` pretraining steps (MDP, A+B+U: the costliest arm), fine-tuning steps and
-    one evaluation of ``budget``'s model, in wall and CPU seconds (data loading in-process, so
-    the CPU time counts it), and extrapolate the whole table. On a shared machine the wall
-    time is inflated by the other jobs; CPU seconds / cores estimates a quiet machine."""
+def measure(data: Path, sets, extra: dict, budget: dict, steps: int, root: Path) -> dict:
+    """Time ``steps`` pretraining steps of one arm (``sets``, ``extra``), ``steps``
+    fine-tuning steps and one evaluation of ``budget``'s model, in wall and CPU seconds (data
+    loading in-process, so the CPU time counts it)."""
     from .finetune import evaluate, finetune, load_segnet, preload, split_dataset
     from .trainer import Trainer
-    cfg = pretrain_config(data, "mdp_semi", budget, 0, root / "estimate-pretrain")
+    cfg = pretrain_config(data, sets, extra, budget, 0, root / "estimate-pretrain")
     cfg["train"].update(resume=None, progress=False)
     cfg["data"]["workers"] = 0
     tr = Trainer(cfg)
@@ -220,17 +254,40 @@ def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
     w, c = time.time(), time.process_time()
     evaluate(model, pairs, 11, 0.5, False)
     ev = (time.time() - w, time.process_time() - c)
-    n_pre = sum(1 for a in ARMS.values() if a[1] is not None) * budget["pretrain_seeds"]
-    n_fin = len(ARMS) * budget["seeds"]
-    tot = [n_pre * budget["pretrain"]["steps"] * pre[i]
-           + n_fin * (budget["finetune"]["steps"] * fin[i] + ev[i]) for i in (0, 1)]
-    cores = os.cpu_count() or 1
     return {"pretrain_s_per_step": pre[0], "pretrain_cpu_s_per_step": pre[1],
             "finetune_s_per_step": fin[0], "finetune_cpu_s_per_step": fin[1],
-            "eval_s": ev[0], "eval_cpu_s": ev[1], "pretrain_runs": n_pre, "finetune_runs": n_fin,
+            "eval_s": ev[0], "eval_cpu_s": ev[1]}
+
+
+def run_seconds(rates: dict, budget: dict, n_pre: int, n_fin: int, cpu: bool = False) -> float:
+    """Seconds of ``n_pre`` pretrainings and ``n_fin`` fine-tunings + evaluations of
+    ``budget`` at ``rates`` (``pretrain_s_per_step``, ``finetune_s_per_step``, ``eval_s``, or
+    their ``_cpu`` versions)."""
+    k = "_cpu" if cpu else ""
+    return (n_pre * budget["pretrain"]["steps"] * rates[f"pretrain{k}_s_per_step"]
+            + n_fin * (budget["finetune"]["steps"] * rates[f"finetune{k}_s_per_step"]
+                       + rates[f"eval{k}_s"]))
+
+
+def extrapolate(rates: dict, budget: dict, n_pre: int, n_fin: int) -> dict:
+    """``n_pre`` pretrainings and ``n_fin`` fine-tunings (+ evaluations) of ``budget`` at the
+    measured ``rates``: minutes at this load (wall) and on a quiet machine (CPU seconds /
+    cores). On a shared machine the wall time is inflated by the other jobs."""
+    cores = os.cpu_count() or 1
+    tot = [run_seconds(rates, budget, n_pre, n_fin, cpu) for cpu in (False, True)]
+    return {"pretrain_runs": n_pre, "finetune_runs": n_fin,
             "total_minutes_at_this_load": tot[0] / 60,
             "total_minutes_quiet_estimate": tot[1] / cores / 60,
             "load_average": os.getloadavg()[0], "cores": cores}
+
+
+def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
+    """Measure (MDP, A+B+U: the costliest arm) and extrapolate the whole table."""
+    _, extra, sets = ARMS["mdp_semi"]
+    rates = measure(data, sets, extra, budget, steps, root)
+    n_pre = sum(1 for a in ARMS.values() if a[1] is not None) * budget["pretrain_seeds"]
+    n_fin = len(ARMS) * budget["seeds"]
+    return {**rates, **extrapolate(rates, budget, n_pre, n_fin)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -65,6 +65,33 @@ def test_folder_and_unlabelled(tmp_path):
     assert len(u) == 4 and lbl is None and img.shape == (3, 40, 40) and not u.labelled
 
 
+def test_frames_select_sorted_subsets(tmp_path, monkeypatch):
+    from mdp_train import datasets as D
+    root = fx.write_folder(tmp_path, n=5, subsets=("seqA",))  # 5 frames: halves 2 + 3
+    spec = {"type": "folder", "root": str(root), "subsets": ["seqA"]}
+    every = [p[0].name for p in D.build_dataset(spec).pairs]
+    assert every == sorted(every) and len(every) == 5
+    first = D.build_dataset(dict(spec, frames="first_half"))
+    second = D.build_dataset(dict(spec, frames="second_half"))
+    names = [[p[0].name for p in ds.pairs] for ds in (first, second)]
+    assert names == [every[:2], every[2:]]  # disjoint, in order, together all frames
+    assert [p[0].name for p in D.build_dataset(dict(spec, frames=[1, 4])).pairs] == every[1:4]
+    # the second half read as plain images: no label is ever opened
+    unl = D.build_dataset({"type": "images", "root": str(root / "seqA" / "images"),
+                           "frames": "second_half"})
+    assert [p[0].name for p in unl.pairs] == every[2:] and not unl.labelled
+
+    def no_labels(path):
+        raise AssertionError(f"label read: {path}")
+    monkeypatch.setattr(D, "read_label", no_labels)
+    assert all(unl.load(i)[1] is None for i in range(len(unl)))
+    for bad, msg in (("middle", "must be one of"), ([3, 3], "start < stop"),
+                     ([0, 6], "the reader has 5 images"), ([-1, 2], "0 <= start"),
+                     ([0.0, 2], "two ints"), ([True, 2], "two ints"), (3, "two ints")):
+        with pytest.raises(DataError, match=msg):
+            D.build_dataset(dict(spec, frames=bad))
+
+
 @pytest.mark.skipif(not CAMVID.is_dir(), reason="no CamVid copy here")
 def test_camvid_folder_and_coarse_remap():
     ds = Folder(CAMVID, subsets=["0001TP"])
