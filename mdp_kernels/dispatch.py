@@ -32,8 +32,9 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
     ``g_zb`` is None when ``tb`` is None.
 ``ce_fwd_basis(feats, protos, ta, tb, bias, tau) -> (lse, za, zb, E)``, optional (a backend
         may implement this pair; ``ce_fwd``/``ce_bwd`` are still required): ``ce_fwd`` plus
-    the softmax expectation E_i = sum_k exp(z_ik - lse_i) P_k / tau, a ``(B, D, P)`` acc
-    tensor laid out like ``feats`` (0 on skipped pixels).
+    the softmax expectation E_i = sum_k exp(z_ik - lse_i) P_k / tau, a ``(B, D, P)`` tensor
+    of ``feats``' dtype (bf16 inputs multiply in bf16, so the product is bf16 anyway) laid
+    out like ``feats`` (0 on skipped pixels).
 ``ce_bwd_basis(g_lse, g_za, g_zb, E, feats, protos, ta, tb, tau) -> dfeats (B,D,P) feats.dtype``
     dfeats_i = g_lse_i E_i + g_za_i P_{ta_i} / tau + g_zb_i P_{tb_i} / tau (a term only where
     its target is >= 0; 0 on skipped pixels): the ``ce_bwd`` feature gradient without
@@ -54,8 +55,8 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
     dstudent_i = sum_k dz^s_ik P_k / tau_s; dprotos_k = sum_i dz^s_ik f_i / tau_s.
 ``con_fwd_basis(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t,
         G)``, optional like ``ce_fwd_basis``: ``con_fwd`` plus G_i = sum_k (softmax(z^s)_ik -
-    t_ik) P_k / tau_s, a ``(B, D, P)`` acc tensor laid out like ``student`` (0 on skipped
-    pixels).
+    t_ik) P_k / tau_s, a ``(B, D, P)`` tensor of ``student``'s dtype laid out like
+    ``student`` (0 on skipped pixels).
 ``con_bwd_basis(g_ce, G, student) -> dstudent (B,D,P) student.dtype``
     dstudent_i = g_ce_i G_i: the ``con_bwd`` student gradient without recomputing logits
     (``student`` gives only the output's dtype and layout).

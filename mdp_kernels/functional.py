@@ -259,7 +259,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     ``mdp_kernels.config.save``. The cpu backend, when a gradient will be taken (2 matrix
     products per forward + feature backward instead of 3): with C >= 96 and ``feats``
     requiring grad, the forward keeps the softmax expectation ``E_i = sum_k softmax(z_i)_k
-    P_k / tau``, one feature-sized float32 (float64) buffer alive until the backward, so the
+    P_k / tau``, one buffer of the features' size and dtype alive until the backward, so the
     feature gradient is an O(N D) pass (prototype gradients still recompute the logit
     tiles). With C < 96 and ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most
     half the features' size, what eager autograd keeps too), and neither gradient

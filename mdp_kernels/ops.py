@@ -120,7 +120,7 @@ def _(feats, protos, ta, tb, bias, tau, backend, check_finite, save="none"):
     b, _, p = feats.shape
     acc = acc_dtype(feats.dtype)
     if save == "basis":
-        x = torch.empty_like(feats, dtype=acc)
+        x = torch.empty_like(feats)
     else:
         x = feats.new_empty((b, p, protos.shape[0]) if save == "probs" else (0,), dtype=acc)
     return tuple(feats.new_empty((b, p), dtype=acc) for _ in range(3)) + (x,)
@@ -233,8 +233,7 @@ def _(student, teacher, protos, bias, mask, tau_s, tau_t, backend, check_finite,
       save_basis=False):
     b, _, p = student.shape
     acc = acc_dtype(student.dtype)
-    g = (torch.empty_like(student, dtype=acc) if save_basis
-         else student.new_empty((0,), dtype=acc))
+    g = torch.empty_like(student) if save_basis else student.new_empty((0,), dtype=acc)
     return tuple(student.new_empty((b, p), dtype=acc) for _ in range(4)) + (g,)
 
 

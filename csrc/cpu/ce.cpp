@@ -6,7 +6,8 @@
 // place and does dF = dZ @ (P / tau) and dP += dZ^T @ F_chunk (then / tau).
 //
 // ce_fwd_basis also stores the softmax expectation E_i = sum_k softmax(z_i)_k P_k / tau
-// (one more product per chunk, on the exp tile the forward already has), so that
+// (one more product per chunk, on the exp tile the forward already has; of the products'
+// type, so bf16 for bf16 inputs, as the product's output is), so that
 // ce_bwd_basis gets dF_i = g_lse_i E_i + g_za_i P_ta / tau + g_zb_i P_tb / tau in one
 // O(N D) pass: 2 matrix products for a forward + feature backward instead of 3.
 //
@@ -28,7 +29,9 @@ inline int64_t kept(const int64_t* ta, const int64_t* tb, int64_t n, int64_t* id
 }
 
 struct CeArgs {
-  at::Tensor feats, ps, bias;  // ps = protos / tau (C, D) acc; bias (C,) / (B, C) acc or undefined
+  // ps = protos / tau (C, D) acc; pl = ps as the products' operand (rounded to the input
+  // dtype for low precision, see tiles.h); bias (C,) / (B, C) acc or undefined
+  at::Tensor feats, ps, pl, bias;
   const int64_t* ta;
   const int64_t* tb;
   int64_t B, D, P, C;
@@ -44,7 +47,8 @@ CeArgs ce_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tens
   if (tb.has_value()) check_targets(*tb, B, P);
   if (bias.has_value()) check_bias(*bias, B, C);
   const auto acc = acc_scalar_type(feats.scalar_type());
-  return {feats, scaled_protos(protos, 1.0 / tau), acc_bias(bias, acc, false),
+  const auto ps = scaled_protos(protos, 1.0 / tau);
+  return {feats, ps, operand_of(ps, feats.scalar_type()), acc_bias(bias, acc, false),
           ta.const_data_ptr<int64_t>(), tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr,
           B, feats.size(1), P, C};
 }
@@ -61,14 +65,28 @@ struct CeChunk {
         tb(a.tb ? a.tb + off : nullptr), nv(kept(ta, tb, n, idx)) {}
 };
 
-// The kept pixels' features f (nv, D) and their logit tile z = f @ (P / tau)^T + bias.
+// Per-thread buffers: `tile` rows x C acc (logits, dZ); for low precision `low` rows x C of
+// the input type (the product's output and dZ as the next product's operand); `buf` rows x D
+// for gathered feature rows (row_options).
+struct CeBufs {
+  at::Tensor tile, low, buf;
+  template <typename T>
+  static CeBufs make(const CeArgs& a, int64_t rows, const at::TensorOptions& acc) {
+    return {at::empty({rows, a.C}, acc),
+            kLow<T> ? at::empty({rows, a.C}, row_options<T>(acc)) : at::Tensor(),
+            at::empty({rows, a.D}, row_options<T>(acc))};
+  }
+};
+
+// The kept pixels' features f (nv, D; the input type for low precision, else acc) and their
+// logit tile z = f @ (P / tau)^T + bias (acc), in `dst` (tile, or S's rows).
 template <typename T>
 std::pair<at::Tensor, at::Tensor> chunk_logits(const CeArgs& a, const CeChunk& c,
-                                               const int64_t* idx, at::Tensor& tile,
-                                               at::Tensor& buf, const at::Tensor& pt) {
-  auto f = load_rows<T>(a.feats, c.b, c.p0, c.n, idx, c.nv, buf);
-  auto z = tile.narrow(0, 0, c.nv);
-  at::mm_out(z, f, pt);
+                                               const int64_t* idx, at::Tensor& dst,
+                                               CeBufs& w) {
+  auto f = load_rows<T, prod_t<T>>(a.feats, c.b, c.p0, c.n, idx, c.nv, w.buf);
+  auto z = dst.narrow(0, 0, c.nv);
+  product_into<T>(z, f, a.pl.t(), w.low);
   if (a.bias.defined()) z.add_(bias_row(a.bias, c.b));
   return {f, z};
 }
@@ -92,29 +110,29 @@ template <typename T>
 void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
                    at::Tensor* basis, at::Tensor* probs) {
   using A = acc_t<T>;
+  using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const auto opts = lse.options();
-  const at::Tensor pt = a.ps.t();
   A* lse_p = lse.mutable_data_ptr<A>();
   A* za_p = za.mutable_data_ptr<A>();
   A* zb_p = zb.mutable_data_ptr<A>();
   at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
-    auto tile = at::empty({ch.rows, a.C}, opts), buf = at::empty({ch.rows, a.D}, opts);
-    at::Tensor ebuf = basis ? at::empty({ch.rows, a.D}, opts) : at::Tensor();
+    CeBufs w = CeBufs::make<T>(a, ch.rows, opts);
+    at::Tensor ebuf = basis ? at::empty({ch.rows, a.D}, row_options<T>(opts)) : at::Tensor();
     std::vector<int64_t> idx(ch.rows);
     for (int64_t g = g0; g < g1; ++g) {
       const CeChunk c(a, ch, g, idx.data());
       const int64_t b = c.b, p0 = c.p0, n = c.n, off = c.off, nv = c.nv;
       const int64_t *ta = c.ta, *tb = c.tb;
       if (nv == 0) {
-        if (basis) store_rows<A>(*basis, b, p0, n, idx.data(), 0, ebuf);
-        if (probs) store_probs<A>(S, off, n, idx.data(), 0, tile);
+        if (basis) store_rows<R, R>(*basis, b, p0, n, idx.data(), 0, ebuf);
+        if (probs) store_probs<A>(S, off, n, idx.data(), 0, w.tile);
         continue;
       }
       // all pixels kept: the logits go straight into S's rows and become the softmax there
-      at::Tensor dst = probs && nv == n ? S.narrow(0, off, n) : tile;
-      at::Tensor z = chunk_logits<T>(a, c, idx.data(), dst, buf, pt).second;
+      at::Tensor dst = probs && nv == n ? S.narrow(0, off, n) : w.tile;
+      at::Tensor z = chunk_logits<T>(a, c, idx.data(), dst, w).second;
       const A* zp = z.const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) {
         const int64_t p = idx[i];
@@ -124,7 +142,8 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
       auto m = at::amax(z, {1}, true);
       auto s = z.sub_(m).exp_().sum({1}, true);
       if (basis)  // E = (exp(z - m) @ P / tau) / s: the 1/s goes on the D-wide product
-        store_product<A>(*basis, b, p0, n, idx.data(), nv, z, a.ps, ebuf, s.reciprocal());
+        store_product<R, R>(*basis, b, p0, n, idx.data(), nv, operand_of<T>(z, w.low), a.pl,
+                            ebuf, s.reciprocal());
       if (probs) {
         z.div_(s);
         if (nv < n) store_probs<A>(S, off, n, idx.data(), nv, z);
@@ -148,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_impl(
        zb = at::zeros({a.B, a.P}, opts);
   at::Tensor e;
   if (saved == Saved::kBasis)  // laid out like feats, so the backward streams both alike
-    e = at::empty_like(feats, opts, at::MemoryFormat::Preserve);
+    e = at::empty_like(feats, at::MemoryFormat::Preserve);
   else if (saved == Saved::kProbs)
     e = at::empty({a.B, a.P, a.C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd", [&] {
@@ -183,9 +202,9 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
                    const c10::optional<at::Tensor>& g_zb, const at::Tensor& lse,
                    const at::Tensor* probs, at::Tensor* dfeats, at::Tensor* dprotos) {
   using A = acc_t<T>;
+  using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const auto opts = g_lse.options();
-  const at::Tensor pt = a.ps.t();
   const A* gl = g_lse.const_data_ptr<A>();
   const A* ga = g_za.const_data_ptr<A>();
   const A* gb = g_zb.has_value() ? g_zb->const_data_ptr<A>() : nullptr;
@@ -194,11 +213,12 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
   const int64_t parts = num_parts(ch.count);
   std::vector<at::Tensor> dps(dprotos ? parts : 0);
   for_parts(ch.count, parts, [&](int64_t part, int64_t g0, int64_t g1) {
-    auto tile = at::empty({ch.rows, a.C}, opts), buf = at::empty({ch.rows, a.D}, opts),
-         dbuf = at::empty({ch.rows, a.D}, opts), col = at::empty({ch.rows}, opts),
-         gcol = at::empty({ch.rows}, opts);
-    at::Tensor dp;
+    CeBufs w = CeBufs::make<T>(a, ch.rows, opts);
+    auto dbuf = at::empty({ch.rows, a.D}, row_options<T>(opts)),
+         col = at::empty({ch.rows}, opts), gcol = at::empty({ch.rows}, opts);
+    at::Tensor dp, dpl;  // dP (acc), and for low precision one chunk's share in the input type
     if (dprotos) dp = dps[part] = at::zeros({a.C, a.D}, opts);
+    if (dprotos && kLow<T>) dpl = at::empty({a.C, a.D}, row_options<T>(opts));
     auto idx_t = at::empty({ch.rows}, opts.dtype(at::kLong));
     int64_t* idx = idx_t.mutable_data_ptr<int64_t>();
     for (int64_t g = g0; g < g1; ++g) {
@@ -213,16 +233,16 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
       at::Tensor f, z;
       const at::Tensor gz = gather_col(gl + off, idx, nv, gcol);
       if (probs) {
-        z = tile.narrow(0, 0, nv);
+        z = w.tile.narrow(0, 0, nv);
         if (nv == n) {
           at::mul_out(z, S.narrow(0, off, n), gz);
         } else {
           at::index_select_out(z, S.narrow(0, off, n), 0, idx_t.narrow(0, 0, nv));
           z.mul_(gz);
         }
-        if (dprotos) f = load_rows<T>(a.feats, b, p0, n, idx, nv, buf);
+        if (dprotos) f = load_rows<T, R>(a.feats, b, p0, n, idx, nv, w.buf);
       } else {
-        std::tie(f, z) = chunk_logits<T>(a, c, idx, tile, buf, pt);
+        std::tie(f, z) = chunk_logits<T>(a, c, idx, w.tile, w);
         z.sub_(gather_col(lp + off, idx, nv, col)).exp_().mul_(gz);
       }
       A* zp = z.mutable_data_ptr<A>();
@@ -231,8 +251,10 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
         if (ta[p] >= 0) zp[i * a.C + ta[p]] += ga[off + p];
         if (tb && tb[p] >= 0) zp[i * a.C + tb[p]] += gb[off + p];
       }
-      if (dfeats) store_product<T>(*dfeats, b, p0, n, idx, nv, z, a.ps, dbuf);
-      if (dprotos) dp.addmm_(z.t(), f);
+      const at::Tensor dz = operand_of<T>(z, w.low);
+      if (dfeats) store_product<T, R>(*dfeats, b, p0, n, idx, nv, dz, a.pl, dbuf);
+      if (dprotos && kLow<T>) dp.add_(at::mm_out(dpl, dz.t(), f));
+      else if (dprotos) dp.addmm_(dz.t(), f);
     }
   });
   if (dprotos) *dprotos = reduce_parts(dps);
@@ -326,19 +348,19 @@ void ce_bwd_basis_kernel(const at::Tensor& g_lse, const at::Tensor& g_za, const 
         ib[i] = t >= 0 ? t : C;
       }
       T* dst = df.mutable_data_ptr<T>() + b * df.stride(0) + p0 * sp;
-      const A* src = e.const_data_ptr<A>() + b * e.stride(0) + p0 * ep;
+      const T* src = e.const_data_ptr<T>() + b * e.stride(0) + p0 * ep;
       if (sp == 1) {
         for (int64_t d = 0; d < D; ++d) {
           const A* col = cols + d * (C + 1);
           for (int64_t i = 0; i < n; ++i)
-            dst[d * sd + i] = static_cast<T>(cl[i] * src[d * ed + i * ep] +
+            dst[d * sd + i] = static_cast<T>(cl[i] * static_cast<A>(src[d * ed + i * ep]) +
                                              ca[i] * col[ia[i]] + cb[i] * col[ib[i]]);
         }
       } else {
         for (int64_t i = 0; i < n; ++i) {
           const A *ra = rows + ia[i] * D, *rb = rows + ib[i] * D;
           for (int64_t d = 0; d < D; ++d)
-            dst[i * sp + d * sd] = static_cast<T>(cl[i] * src[d * ed + i * ep] +
+            dst[i * sp + d * sd] = static_cast<T>(cl[i] * static_cast<A>(src[d * ed + i * ep]) +
                                                   ca[i] * ra[d] + cb[i] * rb[d]);
         }
       }
@@ -357,8 +379,8 @@ at::Tensor ce_bwd_basis(const at::Tensor& g_lse, const at::Tensor& g_za,
   check_targets(ta, B, P);
   if (tb.has_value()) check_targets(*tb, B, P);
   const auto acc = acc_scalar_type(feats.scalar_type());
-  TORCH_CHECK(e.sizes() == feats.sizes() && e.scalar_type() == acc,
-              "E must be a (B, D, P) tensor of the accumulation dtype, got ", e.sizes(), " ",
+  TORCH_CHECK(e.sizes() == feats.sizes() && e.scalar_type() == feats.scalar_type(),
+              "E must be a (B, D, P) tensor of the features' dtype, got ", e.sizes(), " ",
               e.scalar_type());
   const auto gl = g_lse.contiguous(), ga = g_za.contiguous();
   check_bp(gl, B, P, acc, "g_lse");

@@ -18,7 +18,8 @@ namespace mdp {
 namespace {
 
 struct ConArgs {
-  at::Tensor student, teacher, ps, pt, bias;  // ps = P / tau_s, pt = P / tau_t (acc)
+  // ps = P / tau_s, pt = P / tau_t, of the products' type (tiles.h: kLow); bias acc
+  at::Tensor student, teacher, ps, pt, bias;
   const bool* mask;
   int64_t B, D, P, C;
   bool none;  // every class masked out: every pixel is skipped
@@ -46,8 +47,10 @@ ConArgs con_args(const at::Tensor& student, const at::Tensor& teacher, const at:
     none = !at::isfinite(*bias).any().item<bool>();
   }
   const auto acc = acc_scalar_type(student.scalar_type());
-  return {student, teacher, scaled_protos(protos, 1.0 / tau_s), scaled_protos(protos, 1.0 / tau_t),
-          acc_bias(bias, acc, true), mp, B, student.size(1), P, C, none};
+  const auto dt = student.scalar_type();
+  return {student, teacher, operand_of(scaled_protos(protos, 1.0 / tau_s), dt),
+          operand_of(scaled_protos(protos, 1.0 / tau_t), dt), acc_bias(bias, acc, true), mp, B,
+          student.size(1), P, C, none};
 }
 
 inline int64_t kept(const bool* mask, int64_t off, int64_t n, int64_t* idx) {
@@ -57,13 +60,17 @@ inline int64_t kept(const bool* mask, int64_t off, int64_t n, int64_t* idx) {
   return nv;
 }
 
-// Scratch of one thread.
+// Scratch of one thread: acc logit tiles, gathered rows of the products' type, and for low
+// precision a rows x C tile of the input type (tiles.h: product_into, operand_of).
+template <typename T>
 struct ConTiles {
-  at::Tensor zs, zt, sbuf, tbuf, col;
+  at::Tensor zs, zt, sbuf, tbuf, col, low;
   std::vector<int64_t> idx;
   ConTiles(int64_t rows, int64_t C, int64_t D, const at::TensorOptions& o)
-      : zs(at::empty({rows, C}, o)), zt(at::empty({rows, C}, o)), sbuf(at::empty({rows, D}, o)),
-        tbuf(at::empty({rows, D}, o)), col(at::empty({rows}, o)), idx(rows) {}
+      : zs(at::empty({rows, C}, o)), zt(at::empty({rows, C}, o)),
+        sbuf(at::empty({rows, D}, row_options<T>(o))),
+        tbuf(at::empty({rows, D}, row_options<T>(o))), col(at::empty({rows}, o)),
+        low(kLow<T> ? at::empty({rows, C}, row_options<T>(o)) : at::Tensor()), idx(rows) {}
 };
 
 // log-softmax of the teacher tile in place; returns its (nv, 1) logsumexp.
@@ -78,23 +85,27 @@ template <typename T>
 void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tensor& lse_s,
                     at::Tensor& lse_t, at::Tensor* basis) {
   using A = acc_t<T>;
+  using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const at::Tensor pst = a.ps.t(), ptt = a.pt.t();
   A* out[4] = {ce.mutable_data_ptr<A>(), ent.mutable_data_ptr<A>(), lse_s.mutable_data_ptr<A>(),
                lse_t.mutable_data_ptr<A>()};
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
-    ConTiles w(ch.rows, a.C, a.D, ce.options());
-    at::Tensor gbuf = basis ? at::empty({ch.rows, a.D}, ce.options()) : at::Tensor();
+    ConTiles<T> w(ch.rows, a.C, a.D, ce.options());
+    at::Tensor gbuf =
+        basis ? at::empty({ch.rows, a.D}, row_options<T>(ce.options())) : at::Tensor();
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
       const int64_t nv = kept(a.mask, off, n, w.idx.data());
       if (nv == 0) {
-        if (basis) store_rows<A>(*basis, b, p0, n, w.idx.data(), 0, gbuf);
+        if (basis) store_rows<R, R>(*basis, b, p0, n, w.idx.data(), 0, gbuf);
         continue;
       }
       auto zs = w.zs.narrow(0, 0, nv), zt = w.zt.narrow(0, 0, nv);
-      at::mm_out(zs, load_rows<T>(a.student, b, p0, n, w.idx.data(), nv, w.sbuf), pst);
-      at::mm_out(zt, load_rows<T>(a.teacher, b, p0, n, w.idx.data(), nv, w.tbuf), ptt);
+      product_into<T>(zs, load_rows<T, R>(a.student, b, p0, n, w.idx.data(), nv, w.sbuf), pst,
+                      w.low);
+      product_into<T>(zt, load_rows<T, R>(a.teacher, b, p0, n, w.idx.data(), nv, w.tbuf), ptt,
+                      w.low);
       if (a.bias.defined()) {
         const auto row = bias_row(a.bias, b);
         zs.add_(row);
@@ -110,7 +121,8 @@ void con_fwd_kernel(const ConArgs& a, at::Tensor& ce, at::Tensor& ent, at::Tenso
       }
       if (basis) {  // G = (s - t) @ P / tau_s, with zs turned into s - t in place
         zs.exp_().sub_(t);
-        store_product<A>(*basis, b, p0, n, w.idx.data(), nv, zs, a.ps, gbuf);
+        store_product<R, R>(*basis, b, p0, n, w.idx.data(), nv, operand_of<T>(zs, w.low), a.ps,
+                            gbuf);
       }
     }
   });
@@ -126,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> con_fwd_i
   at::Tensor o[4];
   for (auto& t : o) t = at::zeros({a.B, a.P}, opts);
   at::Tensor gs;  // laid out like the student, so the backward pass streams both alike
-  if (with_basis) gs = at::empty_like(student, opts, at::MemoryFormat::Preserve);
+  if (with_basis) gs = at::empty_like(student, at::MemoryFormat::Preserve);
   if (a.none) {
     if (with_basis) gs.zero_();
   } else {
@@ -158,6 +170,7 @@ template <typename T>
 void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& lse_s,
                     const at::Tensor& lse_t, at::Tensor* dstudent, at::Tensor* dprotos) {
   using A = acc_t<T>;
+  using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
   const at::Tensor pst = a.ps.t(), ptt = a.pt.t();
   const A* gp = g_ce.const_data_ptr<A>();
@@ -166,10 +179,11 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
   const int64_t parts = num_parts(ch.count);
   std::vector<at::Tensor> dps(dprotos ? parts : 0);
   for_parts(ch.count, parts, [&](int64_t part, int64_t g0, int64_t g1) {
-    ConTiles w(ch.rows, a.C, a.D, g_ce.options());
-    auto dbuf = at::empty({ch.rows, a.D}, g_ce.options());
-    at::Tensor dp;
+    ConTiles<T> w(ch.rows, a.C, a.D, g_ce.options());
+    auto dbuf = at::empty({ch.rows, a.D}, row_options<T>(g_ce.options()));
+    at::Tensor dp, dpl;  // dP (acc), and for low precision one chunk's share in the input type
     if (dprotos) dp = dps[part] = at::zeros({a.C, a.D}, g_ce.options());
+    if (dprotos && kLow<T>) dpl = at::empty({a.C, a.D}, row_options<T>(g_ce.options()));
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * a.P + p0;
       const int64_t* idx = w.idx.data();
@@ -178,10 +192,10 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
         if (dstudent) store_rows<T>(*dstudent, b, p0, n, idx, 0, dbuf);
         continue;
       }
-      auto f = load_rows<T>(a.student, b, p0, n, idx, nv, w.sbuf);
+      auto f = load_rows<T, R>(a.student, b, p0, n, idx, nv, w.sbuf);
       auto zs = w.zs.narrow(0, 0, nv), zt = w.zt.narrow(0, 0, nv);
-      at::mm_out(zs, f, pst);
-      at::mm_out(zt, load_rows<T>(a.teacher, b, p0, n, idx, nv, w.tbuf), ptt);
+      product_into<T>(zs, f, pst, w.low);
+      product_into<T>(zt, load_rows<T, R>(a.teacher, b, p0, n, idx, nv, w.tbuf), ptt, w.low);
       if (a.bias.defined()) {
         const auto row = bias_row(a.bias, b);
         zs.add_(row);
@@ -191,8 +205,9 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
       zs.sub_(gather_col(lsp + off, idx, nv, w.col)).exp_();
       zt.sub_(gather_col(ltp + off, idx, nv, w.col)).exp_();
       zs.sub_(zt).mul_(gather_col(gp + off, idx, nv, w.col));
-      if (dstudent) store_product<T>(*dstudent, b, p0, n, idx, nv, zs, a.ps, dbuf);
-      if (dprotos) dp.addmm_(zs.t(), f);
+      const at::Tensor dz = operand_of<T>(zs, w.low);
+      if (dstudent) store_product<T, R>(*dstudent, b, p0, n, idx, nv, dz, a.ps, dbuf);
+      if (dprotos) add_product<T>(dp, dz, f, dpl);
     }
   });
   if (dprotos) *dprotos = reduce_parts(dps);
@@ -238,15 +253,15 @@ void con_bwd_basis_kernel(const at::Tensor& g_ce, const at::Tensor& gs, at::Tens
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g);
       const A* gc = gp + b * P + p0;
       T* dst = ds.mutable_data_ptr<T>() + b * ds.stride(0) + p0 * sp;
-      const A* src = gs.const_data_ptr<A>() + b * gs.stride(0) + p0 * ep;
+      const T* src = gs.const_data_ptr<T>() + b * gs.stride(0) + p0 * ep;
       if (sp == 1) {
         for (int64_t d = 0; d < D; ++d)
           for (int64_t i = 0; i < n; ++i)
-            dst[d * sd + i] = static_cast<T>(gc[i] * src[d * ed + i * ep]);
+            dst[d * sd + i] = static_cast<T>(gc[i] * static_cast<A>(src[d * ed + i * ep]));
       } else {
         for (int64_t i = 0; i < n; ++i)
           for (int64_t d = 0; d < D; ++d)
-            dst[i * sp + d * sd] = static_cast<T>(gc[i] * src[d * ed + i * ep]);
+            dst[i * sp + d * sd] = static_cast<T>(gc[i] * static_cast<A>(src[d * ed + i * ep]));
       }
     }
   });
@@ -257,8 +272,8 @@ at::Tensor con_bwd_basis(const at::Tensor& g_ce, const at::Tensor& gs,
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
   check_bdp(student, "student");
   const auto acc = acc_scalar_type(student.scalar_type());
-  TORCH_CHECK(gs.sizes() == student.sizes() && gs.scalar_type() == acc,
-              "G must be a (B, D, P) tensor of the accumulation dtype, got ", gs.sizes(), " ",
+  TORCH_CHECK(gs.sizes() == student.sizes() && gs.scalar_type() == student.scalar_type(),
+              "G must be a (B, D, P) tensor of the student's dtype, got ", gs.sizes(), " ",
               gs.scalar_type());
   const auto g = g_ce.contiguous();
   check_bp(g, student.size(0), student.size(2), acc, "g_ce");

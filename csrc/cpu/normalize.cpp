@@ -31,7 +31,6 @@ template <typename T>
 struct View {
   T* p;
   int64_t sd, sp;
-  T& operator()(int64_t d, int64_t i) const { return p[d * sd + i * sp]; }
 };
 
 template <typename T>
@@ -40,30 +39,38 @@ View<T> chunk(const at::Tensor& t, int64_t b, int64_t p0) {
           t.stride(1), t.stride(2)};
 }
 
-// fn(d, i) over a chunk's D x n elements, pixel-fastest when `pixel_major` is false (the
-// (B, D, P) layout, whose inner loop then vectorises), channel-fastest otherwise.
+// fn(d, i) over a chunk's D x n elements: channel-outer with a unit-stride pixel loop when
+// every tensor has P contiguous (the (B, D, P) layout: the inner loop vectorises), else
+// pixel-outer. `unit` tells the caller's accessor that the pixel stride is 1.
 template <typename F>
-void each(int64_t D, int64_t n, bool pixel_major, const F& fn) {
-  if (!pixel_major) {
+void each(int64_t D, int64_t n, bool unit, const F& fn) {
+  if (unit) {
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t i = 0; i < n; ++i) fn(d, i);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) fn(d, i, std::true_type());
   } else {
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t d = 0; d < D; ++d) fn(d, i);
+      for (int64_t d = 0; d < D; ++d) fn(d, i, std::false_type());
   }
+}
+
+// Element (d, i) of chunk view v; with a true_type the pixel stride is 1.
+template <typename T, typename U>
+inline T& at_(const View<T>& v, int64_t d, int64_t i, U unit) {
+  return unit ? v.p[d * v.sd + i] : v.p[d * v.sd + i * v.sp];
 }
 
 template <typename T>
 void normalize_fwd_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& norm, double eps) {
   using A = acc_t<T>;
   const int64_t B = x.size(0), D = x.size(1), P = x.size(2);
-  const bool pm = x.stride(2) != 1;
+  const bool unit = x.stride(2) == 1 && y.stride(2) == 1;
   A* nrm = norm.mutable_data_ptr<A>();
   for_chunks(B, P, [&](int64_t b, int64_t p0, int64_t n) {
     const View<T> src = chunk<T>(x, b, p0), dst = chunk<T>(y, b, p0);
     A ss[kRows] = {}, inv[kRows];
-    each(D, n, pm, [&](int64_t d, int64_t i) {
-      const A v = static_cast<A>(src(d, i));
+    each(D, n, unit, [&](int64_t d, int64_t i, auto u) {
+      const A v = static_cast<A>(at_(src, d, i, u));
       ss[i] += v * v;
     });
     for (int64_t i = 0; i < n; ++i) {
@@ -71,8 +78,8 @@ void normalize_fwd_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& norm, 
       nrm[b * P + p0 + i] = r;
       inv[i] = A(1) / std::max(r, static_cast<A>(eps));
     }
-    each(D, n, pm, [&](int64_t d, int64_t i) {
-      dst(d, i) = static_cast<T>(static_cast<A>(src(d, i)) * inv[i]);
+    each(D, n, unit, [&](int64_t d, int64_t i, auto u) {
+      at_(dst, d, i, u) = static_cast<T>(static_cast<A>(at_(src, d, i, u)) * inv[i]);
     });
   });
 }
@@ -84,13 +91,13 @@ void normalize_bwd_kernel(const at::Tensor& g, const at::Tensor& y, const at::Te
                           at::Tensor& dx, double eps) {
   using A = acc_t<T>;
   const int64_t B = y.size(0), D = y.size(1), P = y.size(2);
-  const bool pm = y.stride(2) != 1;
+  const bool unit = g.stride(2) == 1 && y.stride(2) == 1 && dx.stride(2) == 1;
   const A* nrm = norm.const_data_ptr<A>();
   for_chunks(B, P, [&](int64_t b, int64_t p0, int64_t n) {
     const View<T> gv = chunk<T>(g, b, p0), yv = chunk<T>(y, b, p0), dst = chunk<T>(dx, b, p0);
     A dot[kRows] = {}, inv[kRows];
-    each(D, n, pm, [&](int64_t d, int64_t i) {
-      dot[i] += static_cast<A>(yv(d, i)) * static_cast<A>(gv(d, i));
+    each(D, n, unit, [&](int64_t d, int64_t i, auto u) {
+      dot[i] += static_cast<A>(at_(yv, d, i, u)) * static_cast<A>(at_(gv, d, i, u));
     });
     for (int64_t i = 0; i < n; ++i) {
       const A r = nrm[b * P + p0 + i];
@@ -98,9 +105,10 @@ void normalize_bwd_kernel(const at::Tensor& g, const at::Tensor& y, const at::Te
       inv[i] = A(1) / (proj ? r : static_cast<A>(eps));
       if (!proj) dot[i] = A(0);
     }
-    each(D, n, pm, [&](int64_t d, int64_t i) {
-      dst(d, i) = static_cast<T>(
-          (static_cast<A>(gv(d, i)) - static_cast<A>(yv(d, i)) * dot[i]) * inv[i]);
+    each(D, n, unit, [&](int64_t d, int64_t i, auto u) {
+      at_(dst, d, i, u) = static_cast<T>(
+          (static_cast<A>(at_(gv, d, i, u)) - static_cast<A>(at_(yv, d, i, u)) * dot[i]) *
+          inv[i]);
     });
   });
 }

@@ -52,23 +52,36 @@ inline at::Tensor reduce_parts(std::vector<at::Tensor>& partials) {
   return partials[0];
 }
 
-// x[b, :, p0 + idx[i]] for i < nv as an (nv, D) matrix of x's accumulation type: a view
-// when every pixel of the chunk is kept and no conversion is needed (BLAS reads the
-// strides), else a gathered copy in `buf` (rows x D).
+// Low-precision inputs (bf16, fp16) multiply in their own dtype, as an eager bf16 matmul
+// does (oneDNN: fp32 accumulation, the product rounded to the input dtype), at the
+// hardware's bf16 rate; everything after the products (softmax statistics, dZ, sums over
+// chunks) stays in the fp32 accumulation type.
 template <typename T>
+constexpr bool kLow = !std::is_same<T, acc_t<T>>::value;
+
+// Options of a tile that holds rows of features of type T for the products: T itself for
+// low precision, else the accumulation type.
+template <typename T>
+at::TensorOptions row_options(const at::TensorOptions& acc) {
+  return kLow<T> ? acc.dtype(c10::CppTypeToScalarType<T>::value) : acc;
+}
+
+// x[b, :, p0 + idx[i]] for i < nv as an (nv, D) matrix of type O (x's accumulation type by
+// default): a view when every pixel of the chunk is kept and no conversion is needed (BLAS
+// reads the strides), else a gathered copy in `buf` (rows x D of O).
+template <typename T, typename O = acc_t<T>>
 at::Tensor load_rows(const at::Tensor& x, int64_t b, int64_t p0, int64_t n,
                      const int64_t* idx, int64_t nv, at::Tensor& buf) {
-  using A = acc_t<T>;
-  if (nv == n && std::is_same<T, A>::value) return x.select(0, b).narrow(1, p0, n).t();
+  if (nv == n && std::is_same<T, O>::value) return x.select(0, b).narrow(1, p0, n).t();
   const int64_t D = x.size(1), sd = x.stride(1), sp = x.stride(2);
   const T* src = x.const_data_ptr<T>() + b * x.stride(0) + p0 * sp;
-  A* dst = buf.mutable_data_ptr<A>();
+  O* dst = buf.mutable_data_ptr<O>();
   if (sp == 1) {  // (B, D, P) layout: read each channel row once
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t i = 0; i < nv; ++i) dst[i * D + d] = static_cast<A>(src[d * sd + idx[i]]);
+      for (int64_t i = 0; i < nv; ++i) dst[i * D + d] = static_cast<O>(src[d * sd + idx[i]]);
   } else {
     for (int64_t i = 0; i < nv; ++i)
-      for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<A>(src[idx[i] * sp + d * sd]);
+      for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<O>(src[idx[i] * sp + d * sd]);
   }
   return buf.narrow(0, 0, nv);
 }
@@ -78,15 +91,14 @@ inline at::Tensor out_rows(at::Tensor& out, int64_t b, int64_t p0, int64_t n) {
   return out.select(0, b).narrow(1, p0, n).t();
 }
 
-// Writes src (nv, D) acc rows to out[b, :, p0 + idx[i]] and zeros to the other pixels of
-// the chunk [p0, p0 + n).
-template <typename T>
+// Writes src (nv, D) rows of type S (out's accumulation type by default) to
+// out[b, :, p0 + idx[i]] and zeros to the other pixels of the chunk [p0, p0 + n).
+template <typename T, typename S = acc_t<T>>
 void store_rows(at::Tensor& out, int64_t b, int64_t p0, int64_t n, const int64_t* idx,
                 int64_t nv, const at::Tensor& src) {
-  using A = acc_t<T>;
   const int64_t D = out.size(1), sd = out.stride(1), sp = out.stride(2);
   T* dst = out.mutable_data_ptr<T>() + b * out.stride(0) + p0 * sp;
-  const A* s = nv > 0 ? src.const_data_ptr<A>() : nullptr;
+  const S* s = nv > 0 ? src.const_data_ptr<S>() : nullptr;
   const int64_t ss = nv > 0 ? src.stride(0) : 0;
   for (int64_t i = 0, j = 0; i < n; ++i) {
     const bool keep = j < nv && idx[j] == i;
@@ -97,17 +109,58 @@ void store_rows(at::Tensor& out, int64_t b, int64_t p0, int64_t n, const int64_t
 }
 
 // out[b, :, p0 + idx[i]] = (z @ ps)_i * row_scale_i for i < nv (row_scale (nv, 1) or
-// undefined), 0 on the chunk's other pixels: the product goes straight into out when every
-// pixel is kept and out has the accumulation dtype, else through buf (rows x D).
-template <typename T>
+// undefined), 0 on the chunk's other pixels. The product has type S (z's and ps's, the
+// accumulation type by default): it goes straight into out (of type T) when every pixel is
+// kept and T is S, else through buf (rows x D of S), copied (converted) into out's rows.
+template <typename T, typename S = acc_t<T>>
 void store_product(at::Tensor& out, int64_t b, int64_t p0, int64_t n, const int64_t* idx,
                    int64_t nv, const at::Tensor& z, const at::Tensor& ps, at::Tensor& buf,
                    const at::Tensor& row_scale = at::Tensor()) {
-  const bool direct = nv == n && std::is_same<T, acc_t<T>>::value;
+  const bool direct = nv == n && std::is_same<T, S>::value;
   auto d = direct ? out_rows(out, b, p0, n) : buf.narrow(0, 0, nv);
   at::mm_out(d, z, ps);
   if (row_scale.defined()) d.mul_(row_scale);
-  if (!direct) store_rows<T>(out, b, p0, n, idx, nv, d);
+  if (direct) return;
+  if (nv == n) out_rows(out, b, p0, n).copy_(d);
+  else store_rows<T, S>(out, b, p0, n, idx, nv, d);
+}
+
+// The products' type for inputs of type T (see kLow).
+template <typename T>
+using prod_t = std::conditional_t<kLow<T>, T, acc_t<T>>;
+
+// An acc matrix (prototypes / tau) as the products' operand for inputs of dtype `input`:
+// itself, or rounded to a low-precision input dtype (what an eager matmul multiplies).
+inline at::Tensor operand_of(const at::Tensor& ps, at::ScalarType input) {
+  return ps.scalar_type() == input ? ps : ps.to(input).contiguous();
+}
+
+// The acc tile z (nv, C) as the operand of the next product: itself, or rounded into `low`
+// (rows x C of T).
+template <typename T>
+at::Tensor operand_of(const at::Tensor& z, at::Tensor& low) {
+  return kLow<T> ? low.narrow(0, 0, z.size(0)).copy_(z) : z;
+}
+
+// out (nv, C) acc = f @ w, f and w of the products' type; for low precision the product
+// lands in `low` (rows x C of T) first.
+template <typename T>
+void product_into(at::Tensor& out, const at::Tensor& f, const at::Tensor& w, at::Tensor& low) {
+  if (kLow<T>) {
+    auto zl = low.narrow(0, 0, out.size(0));
+    at::mm_out(zl, f, w);
+    out.copy_(zl);
+  } else {
+    at::mm_out(out, f, w);
+  }
+}
+
+// dp (C, D) acc += dz^T @ f (both of the products' type); for low precision through `part`
+// (C x D of T), one chunk's share rounded once.
+template <typename T>
+void add_product(at::Tensor& dp, const at::Tensor& dz, const at::Tensor& f, at::Tensor& part) {
+  if (kLow<T>) dp.add_(at::mm_out(part, dz.t(), f));
+  else dp.addmm_(dz.t(), f);
 }
 
 // A (B, D, P)-shaped output laid out like x (so a strided input gets a gradient of the
