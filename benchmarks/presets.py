@@ -22,7 +22,7 @@ def tiny() -> list[Case]:
 def cpu_small() -> list[Case]:
     """This machine, a few minutes. Contains the CPU acceptance configuration: fp32,
     forward+backward, N = 65,536, D = 256, C = 342 and 2048, prototypes detached and
-    requiring grad."""
+    requiring grad; and the same in bf16."""
     n = 65536
     out = [Case(op="ce", n=n, c=c, grad2=g) for c in (342, 2048) for g in (False, True)]
     out += [Case(op="ce", n=16384, c=342)]  # N sweep; C sweep below 96: the saved softmax
@@ -33,6 +33,9 @@ def cpu_small() -> list[Case]:
     out += [Case(op="pixel", b=8, hw=64, c=150)]
     out += [Case(op="pool", b=8, hw=hw, c=342) for hw in (64, 128)]
     out += [Case(op="pseudo", mode="fwd", n=n, c=c) for c in (342, 2048)]
+    bf = dict(dtype="bfloat16")  # bf16 products at the hardware's bf16 rate (AVX512_BF16)
+    out += [Case(op="ce", n=n, c=c, grad2=g, **bf) for c in (342, 2048) for g in (False, True)]
+    out += [Case(op="consistency", n=n, c=342, **bf), Case(op="pixel", b=8, hw=64, c=150, **bf)]
     return out
 
 

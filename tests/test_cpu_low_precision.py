@@ -75,3 +75,19 @@ def test_saved_bases_are_in_the_input_dtype():
     assert e.dtype == torch.bfloat16 and e.shape == f.flatten(2).shape
     g = torch.ops.mdp_ext.con_fwd_basis(f.flatten(2), f.flatten(2), p, None, None, 0.1, 0.04)[4]
     assert g.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_pixel_matches_float64_by_the_rule(dtype, reduction):
+    q, _, yq = make_case(2, 64, 7, (9, 13), dtype=torch.float64, seed=3)
+    k, _, yk = make_case(2, 64, 7, (8, 11), dtype=torch.float64, seed=4)
+
+    def loss(backend):
+        return lambda q, k: mk.pixel_contrast_loss(q, yq, k, yk, tau=0.1, num_classes=7,
+                                                   reduction=reduction, backend=backend)
+    truth = loss_and_grads(loss("reference"), q, k)
+    eager = loss_and_grads(loss("reference"), q.to(dtype), k.to(dtype))
+    fused = loss_and_grads(loss("cpu"), q.to(dtype), k.to(dtype))
+    for name, a, b, t in zip(("loss", "dq", "dk"), fused, eager, truth):
+        check_low_precision(a, b, t, dtype, name)

@@ -207,7 +207,7 @@ void con_bwd_kernel(const ConArgs& a, const at::Tensor& g_ce, const at::Tensor& 
       zs.sub_(zt).mul_(gather_col(gp + off, idx, nv, w.col));
       const at::Tensor dz = operand_of<T>(zs, w.low);
       if (dstudent) store_product<T, R>(*dstudent, b, p0, n, idx, nv, dz, a.ps, dbuf);
-      if (dprotos) add_product<T>(dp, dz, f, dpl);
+      if (dprotos) add_mm<T>(dp, dz.t(), f, dpl);
     }
   });
   if (dprotos) *dprotos = reduce_parts(dps);

@@ -77,7 +77,8 @@ struct Pix {
         const int64_t nk = valid_idx(km + b * Pk, Pk, idx.data());
         if (nk == 0) continue;
         auto buf = at::empty({nk, D}, opts);
-        ks[b] = load_rows<T>(k, b, 0, Pk, idx.data(), nk, buf).mul(1.0 / tau).contiguous();
+        ks[b] = operand_of(load_rows<T>(k, b, 0, Pk, idx.data(), nk, buf).mul(1.0 / tau),
+                           q.scalar_type()).contiguous();
       }
     });
   }
@@ -89,25 +90,41 @@ struct Pix {
   }
 };
 
-// Per-task scratch: the gathered query block, its score tile and per-row vectors.
+// Per-task scratch: the gathered query block (of the products' type, tiles.h: kLow), its
+// score tile (acc), per-row vectors, and for low precision the score tile in the input type
+// and a tile's share of dQ / dK (tiles.h: add_mm).
 template <typename T>
 struct Scratch {
   std::vector<int64_t> idx;
-  at::Tensor qbuf, tile, col, col2;
+  at::Tensor qbuf, tile, col, col2, low, part;
   Scratch(const Pix<T>& x)
-      : idx(std::max(x.rows, x.cols)), qbuf(at::empty({x.rows, x.D}, x.opts)),
+      : idx(std::max(x.rows, x.cols)), qbuf(at::empty({x.rows, x.D}, row_options<T>(x.opts))),
         tile(at::empty({x.rows * x.cols}, x.opts)), col(at::empty({x.rows}, x.opts)),
-        col2(at::empty({x.rows}, x.opts)) {}
+        col2(at::empty({x.rows}, x.opts)),
+        low(kLow<T> ? at::empty({x.rows * x.cols}, row_options<T>(x.opts)) : at::Tensor()),
+        part(kLow<T> ? at::empty({std::max(x.rows, x.cols) * x.D}, row_options<T>(x.opts))
+                     : at::Tensor()) {}
   // Valid queries of block i of image b as (nv, D); nv == 0 when none.
   at::Tensor queries(const Pix<T>& x, int64_t b, int64_t i, int64_t& nv) {
     const int64_t p0 = i * x.rows, n = x.qcount(i);
     nv = valid_idx(x.qm + b * x.P + p0, n, idx.data());
-    return nv ? load_rows<T>(x.q, b, p0, n, idx.data(), nv, qbuf) : at::Tensor();
+    return nv ? load_rows<T, prod_t<T>>(x.q, b, p0, n, idx.data(), nv, qbuf) : at::Tensor();
   }
-  // S = f Kj^T as a contiguous (nv, nkj) tile.
+  // S = f Kj^T as a contiguous (nv, nkj) acc tile.
   at::Tensor scores(const at::Tensor& f, const at::Tensor& kj) {
-    auto s = tile.narrow(0, 0, f.size(0) * kj.size(0)).view({f.size(0), kj.size(0)});
-    return at::mm_out(s, f, kj.t());
+    const int64_t m = f.size(0), c = kj.size(0);
+    auto s = tile.narrow(0, 0, m * c).view({m, c});
+    if (kLow<T>) {
+      auto l = low.narrow(0, 0, m * c).view({m, c});
+      s.copy_(at::mm_out(l, f, kj.t()));
+    } else {
+      at::mm_out(s, f, kj.t());
+    }
+    return s;
+  }
+  // An acc tile as the next product's operand (rounded into `low` for low precision).
+  at::Tensor operand(const at::Tensor& a) {
+    return kLow<T> ? low.narrow(0, 0, a.numel()).view(a.sizes()).copy_(a) : a;
   }
   // A = g * exp(S - lse) for the valid queries of block i (idx from queries()).
   at::Tensor probs(const Pix<T>& x, int64_t b, int64_t i, int64_t nv, const at::Tensor& f,
@@ -152,17 +169,13 @@ void bwd_qblock(const Pix<T>& x, Scratch<T>& w, int64_t b, int64_t i, const acc_
     return;
   }
   auto d = dqbuf.narrow(0, 0, nv);
-  bool first = true;
+  if (dq.defined()) d.zero_();
   for (int64_t j = 0; j < x.kblocks; ++j) {
     const auto kj = x.kblock(b, j);
     if (kj.size(0) == 0) continue;
-    const auto a = w.probs(x, b, i, nv, f, kj, lse, g);
-    if (dq.defined()) {
-      if (first) at::mm_out(d, a, kj);
-      else d.addmm_(a, kj);
-    }
-    first = false;
-    if (dk) dk->narrow(0, x.koff[b][j], kj.size(0)).addmm_(a.t(), f);
+    const auto a = w.operand(w.probs(x, b, i, nv, f, kj, lse, g));
+    if (dq.defined()) add_mm<T>(d, a, kj, w.part);
+    if (dk) add_mm<T>(dk->narrow(0, x.koff[b][j], kj.size(0)), a.t(), f, w.part);
   }
   if (dq.defined()) store_rows<T>(dq, b, p0, n, w.idx.data(), nv, d);
 }
@@ -177,7 +190,7 @@ void bwd_kblock(const Pix<T>& x, Scratch<T>& w, int64_t b, int64_t j, const acc_
   for (int64_t i = 0; i < x.qblocks && nkj; ++i) {
     int64_t nv;
     const auto f = w.queries(x, b, i, nv);
-    if (nv) acc.addmm_(w.probs(x, b, i, nv, f, kj, lse, g).t(), f);
+    if (nv) add_mm<T>(acc, w.operand(w.probs(x, b, i, nv, f, kj, lse, g)).t(), f, w.part);
   }
   std::vector<int64_t> kidx(x.cols);
   const int64_t n = x.kcount(j);

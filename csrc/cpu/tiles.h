@@ -155,12 +155,16 @@ void product_into(at::Tensor& out, const at::Tensor& f, const at::Tensor& w, at:
   }
 }
 
-// dp (C, D) acc += dz^T @ f (both of the products' type); for low precision through `part`
-// (C x D of T), one chunk's share rounded once.
+// acc (m, n) += a @ b (a and b of the products' type); for low precision through `part`
+// (at least m x n of T, flat or 2-D), one tile's share rounded once.
 template <typename T>
-void add_product(at::Tensor& dp, const at::Tensor& dz, const at::Tensor& f, at::Tensor& part) {
-  if (kLow<T>) dp.add_(at::mm_out(part, dz.t(), f));
-  else dp.addmm_(dz.t(), f);
+void add_mm(const at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, at::Tensor& part) {
+  if (kLow<T>) {
+    auto pt = part.view(-1).narrow(0, 0, acc.numel()).view(acc.sizes());
+    acc.add_(at::mm_out(pt, a, b));
+  } else {
+    acc.addmm_(a, b);
+  }
 }
 
 // A (B, D, P)-shaped output laid out like x (so a strided input gets a gradient of the
