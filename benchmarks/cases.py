@@ -45,9 +45,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Op options (``Case.option``): "" plain; for ce "weight" (F.cross_entropy's), "smoothing"
 # (label_smoothing=0.1), "mask" (a (C,) class mask, 20% of classes off), "mask_bc" (a
 # (B, C) mask, 20% off per image); for ce, consistency and pixel "normalize" (unnormalised
-# features, normalize=True; the baselines call F.normalize first).
-OPTIONS = {"ce": ("", "weight", "smoothing", "mask", "mask_bc", "normalize"),
-           "consistency": ("", "normalize"), "pixel": ("", "normalize")}
+# features, normalize=True; the baselines call F.normalize first); for ce and consistency
+# "memory_low" (memory="low": nothing feature-sized kept for the backward).
+OPTIONS = {"ce": ("", "weight", "smoothing", "mask", "mask_bc", "normalize", "memory_low"),
+           "consistency": ("", "normalize", "memory_low"), "pixel": ("", "normalize")}
 SMOOTHING = 0.1
 
 
@@ -161,7 +162,8 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
 def _loss(case: Case, backend: str) -> Callable[[dict], torch.Tensor]:
     """The op through the public API, reduced to a scalar (a tensor for pseudo-labels)."""
     op, c, opt = case.op, case.c, case.option
-    norm = {"normalize": True} if opt == "normalize" else {}
+    norm = ({"normalize": True} if opt == "normalize" else
+            {"memory": "low"} if opt == "memory_low" else {})
     if op == "ce":
         smooth = {"label_smoothing": SMOOTHING} if opt == "smoothing" else {}
         return lambda x: mk.prototype_contrast_loss(
@@ -173,7 +175,7 @@ def _loss(case: Case, backend: str) -> Callable[[dict], torch.Tensor]:
     if op == "pixel":
         return lambda x: mk.pixel_contrast_loss(x["f"], x["y"], x["k"], x["yk"], tau=TAU,
                                                 ignore_index=IGNORE, num_classes=c,
-                                                backend=backend, **norm)
+                                                backend=backend, normalize=bool(norm))
     if op == "pool":
         return lambda x: mk.masked_average_pool(x["f"], x["y"], c, ignore_index=IGNORE,
                                                 backend=backend)[0].sum()
@@ -195,6 +197,8 @@ def _idiomatic(case: Case) -> Callable[[dict], torch.Tensor]:
     """What a user writes without this library (the ``eager`` and ``compile`` baselines):
     with the ``normalize`` option, ``F.normalize`` first."""
     opt = case.option
+    if opt == "memory_low":  # a user's eager loss has no such choice
+        return _idiomatic(dataclasses.replace(case, option=""))
     if opt == "normalize":
         plain = _idiomatic(dataclasses.replace(case, option=""))
         keys = ("f", "t", "k")

@@ -43,6 +43,11 @@ _NORMALIZE = r"""if True, L2-normalise each pixel's embedding inside the op, exa
             features, which the loss keeps anyway; the reference and a backend without that
             kernel (cuda) use ``F.normalize``'s formula"""
 
+_MEMORY = r"""``"auto"``: what the forward keeps for the backward is the backend's
+            policy (below) or ``mdp_kernels.config.save``; ``"low"``: nothing beyond the
+            per-pixel statistics, so the backward recomputes the logit tiles (one more matrix
+            product) and the workspace is O(chunk), not feature-sized"""
+
 _AUTOCAST = r"""Under ``torch.autocast`` the features and prototypes are cast to the
     autocast dtype first (float64 stays), as ``F.linear`` does; outside it their dtypes
     must match."""
@@ -71,7 +76,8 @@ def _check_num_classes(num_classes) -> None:
 def _shared_doc(fn):
     """Fill in the docstring parts that several ops share (each written once above)."""
     fn.__doc__ = (fn.__doc__.replace("@COMMON", _COMMON).replace("@TAU", _TAU)
-                  .replace("@AUTOCAST", _AUTOCAST).replace("@NORMALIZE", _NORMALIZE))
+                  .replace("@AUTOCAST", _AUTOCAST).replace("@NORMALIZE", _NORMALIZE)
+                  .replace("@MEMORY", _MEMORY))
     return fn
 
 
@@ -198,8 +204,11 @@ def _means(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts > 0
 
 
-def _saved(op: str, name: str, feats: Tensor, protos: Tensor) -> str:
-    """What the ``op`` forward keeps for its backward (``dispatch.saved_for_backward``)."""
+def _saved(op: str, name: str, feats: Tensor, protos: Tensor, memory: str) -> str:
+    """What the ``op`` forward keeps for its backward (``dispatch.saved_for_backward``;
+    nothing with ``memory="low"``)."""
+    if memory == "low":
+        return "none"
     grad = torch.is_grad_enabled()
     return dispatch.saved_for_backward(op, name, protos.shape[0], protos.shape[1],
                                        feats_grad=grad and feats.requires_grad,
@@ -212,8 +221,8 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
                             class_mask: Tensor | None = None, labels_b: Tensor | None = None,
                             lam: float | Tensor | None = None, reduction: str = "mean",
                             weight: Tensor | None = None, label_smoothing: float = 0.0,
-                            normalize: bool = False, check_finite: bool = True,
-                            backend: str = "auto") -> Tensor:
+                            normalize: bool = False, memory: str = "auto",
+                            check_finite: bool = True, backend: str = "auto") -> Tensor:
     r"""Pixel-to-prototype contrastive loss (paper Eq. 3) with pixel-level mixing (Eq. 6).
 
     With :math:`z_{ik} = f_i \cdot P_k / \tau` over the allowed classes,
@@ -249,14 +258,15 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
             over the allowed classes only. Computed from the kernels' logsumexp and
             ``f_i . sum_k w_k P_k / tau`` (no extra pass over classes).
         normalize: @NORMALIZE.
+        memory: @MEMORY.
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
             read; turn off for speed).
         @COMMON
 
     @AUTOCAST
 
-    What the forward keeps for the backward is the backend's policy, or
-    ``mdp_kernels.config.save``. The cpu backend, when a gradient will be taken (2 matrix
+    With ``memory="auto"`` what the forward keeps for the backward is the backend's policy,
+    or ``mdp_kernels.config.save``. The cpu backend, when a gradient will be taken (2 matrix
     products per forward + feature backward instead of 3): with C >= 96 and ``feats``
     requiring grad, the forward keeps the softmax expectation ``E_i = sum_k softmax(z_i)_k
     P_k / tau``, one buffer of the features' size and dtype alive until the backward, so the
@@ -296,6 +306,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         V.check_lam(lam, feats.shape[0] if feats.dim() > 2 else 1, feats.device)
     V.check_class_weight(weight, c, feats.device)
     V.check_label_smoothing(label_smoothing)
+    V.check_memory(memory)
     name = dispatch.resolve(("ce_fwd", "ce_bwd"), backend, feats.device)
     if normalize:
         feats = _normalized("prototype_contrast_loss", feats, name)
@@ -319,7 +330,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
           else checks.targets(as_bp(labels_b), class_mask, c, ignore_index))
     lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask),
                                 _tau_arg(tau), name, check_finite,
-                                _saved("ce", name, feats, protos))
+                                _saved("ce", name, feats, protos, memory))
     term = _ce_terms(lse, feats0, protos0, tau, class_mask, weight, label_smoothing)
     la, na = term(ta, za)
     if tb is None:
@@ -366,8 +377,8 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                                tau_teacher: float | Tensor = 0.04,
                                mask: Tensor | None = None, class_mask: Tensor | None = None,
                                kind: str = "ce", reduction: str = "mean",
-                               normalize: bool = False, check_finite: bool = True,
-                               backend: str = "auto") -> Tensor:
+                               normalize: bool = False, memory: str = "auto",
+                               check_finite: bool = True, backend: str = "auto") -> Tensor:
     r"""Pixel-to-prototype consistency (paper Eqs. 7-8).
 
     :math:`t_i = \mathrm{softmax}(g_i \cdot P / \tau_t)` from the teacher feature ``g_i`` at
@@ -391,6 +402,8 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
         kind: ``"ce"`` or ``"kl"``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         normalize: student and teacher both: @NORMALIZE.
+        memory: @MEMORY (the cpu backend keeps ``G_i = sum_k (s_ik - t_ik) P_k / tau_s``
+            when C >= 96).
         check_finite: raise ``ValueError`` on NaN/inf inputs.
         @COMMON
 
@@ -422,6 +435,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
     if kind not in ("ce", "kl"):
         raise ValueError(f"kind must be 'ce' or 'kl', got {kind!r}")
     V.check_class_mask(class_mask, prototypes.shape[0], student.device, _batch(student))
+    V.check_memory(memory)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
             raise TypeError("mask must be a bool tensor of the spatial shape")
@@ -454,7 +468,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                                    protos.contiguous(), _bias(class_mask), keep,
                                    _tau_arg(tau_student), _tau_arg(tau_teacher), name,
                                    check_finite,
-                                   _saved("con", name, student, protos) == "basis")
+                                   _saved("con", name, student, protos, memory) == "basis")
     loss = ce if kind == "ce" else ce - ent
     count = loss.new_tensor(loss.numel()) if keep is None else keep.sum()
     return _plus(reduce(loss, count, reduction, spatial(student)), tokens)

@@ -160,6 +160,11 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def check_memory(memory: str) -> None:
+    if memory not in ("auto", "low"):
+        raise ValueError(f"memory must be 'auto' or 'low', got {memory!r}")
+
+
 def check_lam(lam, batch: int, device: torch.device) -> None:
     """A number in [0, 1] or a floating ``(B,)`` / 0-d tensor (its values are checked by
     ``checks.check_range`` inside the graph)."""

@@ -143,3 +143,34 @@ def test_options_under_compile_and_export(backend):
         torch.testing.assert_close(run(f, w), eager)
         with pytest.raises(ValueError, match=r"weight must lie in \[0, inf\)"):
             run(f, -w)
+
+
+def _feature_sized_saves(fn, f):
+    """How many tensors of ``f``'s size the autograd graph of ``fn(f)`` keeps."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                  lambda t: t):
+        loss = fn(f)
+    loss.backward()
+    return sum(n == f.numel() for n in sizes)
+
+
+@pytest.mark.parametrize("op", ["ce", "con"])
+def test_memory_low_keeps_nothing_feature_sized(op):
+    """memory="low": the same numbers as the default, without the cpu backend's saved basis."""
+    d = dev("cpu")
+    f, p, y = make_case(2, 16, 150, (5, 7), device=d)
+    t = torch.randn_like(f)
+    def fn(memory):
+        if op == "ce":
+            return lambda f: ours(f, p, y, "cpu", memory=memory)
+        return lambda f: mk.prototype_consistency_loss(f, t, p, memory=memory, backend="cpu")
+    runs = {}
+    for memory in ("auto", "low"):
+        leaf = f.clone().requires_grad_()
+        runs[memory] = _feature_sized_saves(fn(memory), leaf), leaf.grad
+    inputs = 1 if op == "ce" else 2  # the features (and the teacher's), then the basis
+    assert runs["auto"][0] == inputs + 1 and runs["low"][0] == inputs
+    assert rel_err(runs["low"][1], runs["auto"][1]) <= 1e-6
+    with pytest.raises(ValueError, match="memory must be 'auto' or 'low'"):
+        fn("small")(f)
