@@ -9,20 +9,20 @@
 TORCH_LIBRARY(mdp_ext, m) {
   m.def("class_sums(Tensor feats, Tensor targets, int num_classes) -> (Tensor, Tensor)");
   m.def("class_sums_bwd(Tensor grad_sums, Tensor feats, Tensor targets) -> Tensor");
-  m.def("ce_fwd(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
-        "float tau) -> (Tensor, Tensor, Tensor)");
-  m.def("ce_bwd(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor feats, Tensor protos, "
-        "Tensor ta, Tensor? tb, Tensor? bias, Tensor lse, float tau, bool need_feats, "
-        "bool need_protos) -> (Tensor, Tensor)");
+  m.def("ce_fwd(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, Tensor? sw, "
+        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_bwd(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor? g_zq, Tensor feats, "
+        "Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, Tensor? sw, Tensor lse, float tau, "
+        "bool need_feats, bool need_protos) -> (Tensor, Tensor)");
   m.def("ce_fwd_basis(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
-        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ce_bwd_basis(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor E, Tensor feats, "
-        "Tensor protos, Tensor ta, Tensor? tb, float tau) -> Tensor");
+        "Tensor? sw, float tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_bwd_basis(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor? g_zq, Tensor E, "
+        "Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? sw, float tau) -> Tensor");
   m.def("ce_fwd_probs(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
-        "float tau) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("ce_bwd_probs(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor S, Tensor feats, "
-        "Tensor protos, Tensor ta, Tensor? tb, float tau, bool need_feats, "
-        "bool need_protos) -> (Tensor, Tensor)");
+        "Tensor? sw, float tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ce_bwd_probs(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor? g_zq, Tensor S, "
+        "Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? sw, float tau, "
+        "bool need_feats, bool need_protos) -> (Tensor, Tensor)");
   m.def("con_fwd(Tensor student, Tensor teacher, Tensor protos, Tensor? bias, Tensor? mask, "
         "float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("con_bwd(Tensor g_ce, Tensor student, Tensor teacher, Tensor protos, Tensor? bias, "

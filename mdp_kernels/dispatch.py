@@ -21,30 +21,33 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
 ``class_sums(feats, targets, num_classes) -> (sums (B,C,D) acc, counts (B,C) int64)``
 ``class_sums_bwd(grad_sums (B,C,D) acc, feats, targets) -> dfeats (B,D,P) feats.dtype``
     dfeats[b, :, p] = grad_sums[b, targets[b, p]] (0 where targets is -1).
-``ce_fwd(feats, protos, ta, tb, bias, tau) -> (lse, za, zb)``, each ``(B, P)`` acc.
+``ce_fwd(feats, protos, ta, tb, bias, sw, tau) -> (lse, za, zb, zq)``, each ``(B, P)`` acc.
     ``tb`` may be None (then zb is zeros). A pixel with no target (ta = -1 and tb None
-    or -1) is skipped: lse = za = zb = 0, no FLOPs. Otherwise lse_i = logsumexp_k z_ik,
-    za_i = z_{i,ta_i} (0 where ta_i = -1), likewise zb.
-``ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos)
-        -> (dfeats (B,D,P) feats.dtype or None, dprotos (C,D) protos.dtype or None)``
-    dz_ik = g_lse_i * exp(z_ik - lse_i) + g_za_i [k = ta_i] + g_zb_i [k = tb_i]
+    or -1) is skipped: lse = za = zb = zq = 0, no FLOPs. Otherwise lse_i = logsumexp_k
+    z_ik, za_i = z_{i,ta_i} (0 where ta_i = -1), likewise zb. ``sw`` (label smoothing's
+    class weights) is None or float32 ``(C,)`` / ``(B, C)``, 0 on masked classes:
+    zq_i = sum_k sw_k z_ik (zeros when None).
+``ce_bwd(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, bias, sw, lse, tau, need_feats,
+        need_protos) -> (dfeats (B,D,P) feats.dtype or None, dprotos (C,D) protos.dtype or None)``
+    dz_ik = g_lse_i * exp(z_ik - lse_i) + g_za_i [k = ta_i] + g_zb_i [k = tb_i] + g_zq_i sw_k
     over non-skipped pixels; dfeats_i = sum_k dz_ik P_k / tau; dprotos_k = sum_i dz_ik f_i / tau.
-    ``g_zb`` is None when ``tb`` is None.
-``ce_fwd_basis(feats, protos, ta, tb, bias, tau) -> (lse, za, zb, E)``, optional (a backend
-        may implement this pair; ``ce_fwd``/``ce_bwd`` are still required): ``ce_fwd`` plus
-    the softmax expectation E_i = sum_k exp(z_ik - lse_i) P_k / tau, a ``(B, D, P)`` tensor
-    of ``feats``' dtype (bf16 inputs multiply in bf16, so the product is bf16 anyway) laid
-    out like ``feats`` (0 on skipped pixels).
-``ce_bwd_basis(g_lse, g_za, g_zb, E, feats, protos, ta, tb, tau) -> dfeats (B,D,P) feats.dtype``
-    dfeats_i = g_lse_i E_i + g_za_i P_{ta_i} / tau + g_zb_i P_{tb_i} / tau (a term only where
-    its target is >= 0; 0 on skipped pixels): the ``ce_bwd`` feature gradient without
-    recomputing logits (``feats`` gives only the output's dtype and layout).
-``ce_fwd_probs(feats, protos, ta, tb, bias, tau) -> (lse, za, zb, S)``, optional like
+    ``g_zb`` is None when ``tb`` is None, ``g_zq`` when ``sw`` is.
+``ce_fwd_basis(feats, protos, ta, tb, bias, sw, tau) -> (lse, za, zb, zq, E)``, optional (a
+        backend may implement this pair; ``ce_fwd``/``ce_bwd`` are still required):
+    ``ce_fwd`` plus the softmax expectation E_i = sum_k exp(z_ik - lse_i) P_k / tau, a
+    ``(B, D, P)`` tensor of ``feats``' dtype (bf16 inputs multiply in bf16, so the product
+    is bf16 anyway) laid out like ``feats`` (0 on skipped pixels).
+``ce_bwd_basis(g_lse, g_za, g_zb, g_zq, E, feats, protos, ta, tb, sw, tau) -> dfeats``
+    dfeats_i = g_lse_i E_i + g_za_i P_{ta_i} / tau + g_zb_i P_{tb_i} / tau + g_zq_i sum_k
+    sw_k P_k / tau (a target's term only where it is >= 0; 0 on skipped pixels): the
+    ``ce_bwd`` feature gradient without recomputing logits (``feats`` gives only the
+    output's dtype and layout).
+``ce_fwd_probs(feats, protos, ta, tb, bias, sw, tau) -> (lse, za, zb, zq, S)``, optional like
         ``ce_fwd_basis``: ``ce_fwd`` plus the softmax S_ik = exp(z_ik - lse_i), a contiguous
     ``(B, P, C)`` acc tensor (0 on skipped pixels); worth its memory only for few classes.
-``ce_bwd_probs(g_lse, g_za, g_zb, S, feats, protos, ta, tb, tau, need_feats, need_protos)
-        -> (dfeats or None, dprotos or None)``: ``ce_bwd`` with dz_ik = g_lse_i S_ik + ...,
-    no logit recompute.
+``ce_bwd_probs(g_lse, g_za, g_zb, g_zq, S, feats, protos, ta, tb, sw, tau, need_feats,
+        need_protos) -> (dfeats or None, dprotos or None)``: ``ce_bwd`` with dz_ik = g_lse_i
+    S_ik + ..., no logit recompute.
 ``con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t)``
     each ``(B, P)`` acc; ``mask`` is None or bool ``(B, P)`` (False: skipped, all zeros).
     s = log_softmax(z^s), t = softmax(z^t) (z^s with tau_s on the student, z^t with tau_t

@@ -256,7 +256,8 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         label_smoothing: in [0, 1], as ``F.cross_entropy(label_smoothing=)`` (with
             ``weight``, PyTorch's weighted form). With ``class_mask`` the uniform part spreads
             over the allowed classes only. Computed from the kernels' logsumexp and
-            ``f_i . sum_k w_k P_k / tau`` (no extra pass over classes).
+            ``sum_k w_k z_ik``, which they sum on the logit tiles (no extra pass; the cuda
+            backend has no such kernel and raises).
         normalize: @NORMALIZE.
         memory: @MEMORY.
         check_finite: raise ``ValueError`` on NaN/inf features or prototypes (one extra
@@ -323,15 +324,15 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
             feats, prototypes, ta, tau, -1, class_mask, tb, lam, reduction, weight,
             label_smoothing), tokens)
     checks.forbid_transforms("prototype_contrast_loss", name, feats, prototypes, tau)
-    feats0, protos0 = feats, prototypes  # before _carry_tau_grad: the smoothing term's inputs
     protos, feats = _carry_tau_grad(tau, prototypes, feats)
     ta = checks.targets(as_bp(labels), class_mask, c, ignore_index)
     tb = (None if labels_b is None
           else checks.targets(as_bp(labels_b), class_mask, c, ignore_index))
-    lse, za, zb, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask),
-                                _tau_arg(tau), name, check_finite,
-                                _saved("ce", name, feats, protos, memory))
-    term = _ce_terms(lse, feats0, protos0, tau, class_mask, weight, label_smoothing)
+    sw = _smoothing_weights(c, class_mask, weight, label_smoothing, feats)
+    lse, za, zb, zq, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb,
+                                    _bias(class_mask), sw, _tau_arg(tau), name, check_finite,
+                                    _saved("ce", name, feats, protos, memory))
+    term = _ce_terms(lse, zq, sw, class_mask, weight, label_smoothing)
     la, na = term(ta, za)
     if tb is None:
         return _plus(reduce(la, na, reduction, labels.shape), tokens)
@@ -339,23 +340,31 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     return _plus(mix_reduce(la, na, lb, nb, lam, reduction, labels.shape), tokens)
 
 
-def _ce_terms(lse: Tensor, feats: Tensor, protos: Tensor, tau, class_mask: Tensor | None,
+def _smoothing_weights(c: int, class_mask: Tensor | None, weight: Tensor | None, eps: float,
+                       feats: Tensor) -> Tensor | None:
+    """Label smoothing's class weights ``sw`` (the kernels' ``sw``), or None without
+    smoothing: ``weight`` (or 1) on the allowed classes, 0 on masked ones; ``(C,)``, or
+    ``(B, C)`` with a per-image mask; in the accumulation dtype."""
+    if not eps:
+        return None
+    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    sw = (torch.ones(c, dtype=acc, device=feats.device) if weight is None
+          else weight.to(acc))
+    return sw if class_mask is None else sw * class_mask
+
+
+def _ce_terms(lse: Tensor, zq: Tensor, sw: Tensor | None, class_mask: Tensor | None,
               weight: Tensor | None, eps: float):
     """``term(targets, target_logits) -> (per-pixel loss, normaliser)`` of one target from
     the kernel's outputs. Label smoothing's uniform part, ``sum_k w_k (lse_i - z_ik)`` over
-    the allowed classes, is ``W lse_i - f_i . Q / tau`` with ``Q = sum_k w_k P_k``: one
-    O(N D) product, no pass over classes."""
+    the allowed classes divided by their count, is ``(W lse_i - zq_i) / K`` with the kernel's
+    ``zq_i = sum_k sw_k z_ik`` (summed on the logit tiles: no extra pass)."""
     smooth = None
-    if eps:  # per image: allowed (1 or B, C), Q (1 or B, D)
-        allowed = (torch.ones(1, protos.shape[0], dtype=torch.bool, device=protos.device)
-                   if class_mask is None else class_mask.reshape(-1, protos.shape[0]))
-        wk = allowed.to(lse.dtype) if weight is None else weight.to(lse.dtype) * allowed
-        low = feats.dtype in (torch.bfloat16, torch.float16)  # a GEMV in the input dtype
-        q = wk @ protos.to(lse.dtype)
-        fq = torch.einsum("bdp,bd->bp", as_bdp(feats),
-                          (q.to(feats.dtype) if low else q).expand(lse.shape[0], -1))
-        smooth = ((wk.sum(-1, keepdim=True) * lse - fq.to(lse.dtype) / tau)
-                  / allowed.sum(-1, keepdim=True).clamp(min=1))
+    if eps:  # per image: W and K, (1 or B, 1)
+        rows = sw.reshape(-1, sw.shape[-1])
+        count = (torch.ones_like(rows, dtype=torch.bool) if class_mask is None
+                 else class_mask.reshape(-1, sw.shape[-1])).sum(-1, keepdim=True)
+        smooth = (rows.sum(-1, keepdim=True) * lse - zq) / count.clamp(min=1)
 
     def term(t: Tensor, zt: Tensor) -> tuple[Tensor, Tensor]:
         valid = t >= 0

@@ -101,105 +101,109 @@ class_sums.register_autograd(_once("class_sums", _class_sums_backward),
 # ---------------------------------------------------------------- pixel-to-prototype CE
 @torch.library.custom_op("mdp::ce_fwd", mutates_args=())
 def ce_fwd(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
-           bias: Optional[Tensor], tau: Tensor, backend: str, check_finite: bool,
-           save: str = "none") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lse, za, zb, X): what the backward reuses, by ``save``: "basis" X = E from
+           bias: Optional[Tensor], sw: Optional[Tensor], tau: Tensor, backend: str,
+           check_finite: bool, save: str = "none"
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(lse, za, zb, zq, X): what the backward reuses, by ``save``: "basis" X = E from
     ``ce_fwd_basis``, "probs" X = S from ``ce_fwd_probs``, "none" X empty (0,)."""
     if check_finite:
         finite_or_raise(feats, "feats")
         finite_or_raise(protos, "prototypes")
-    args = dict(feats=feats, protos=protos, ta=ta, tb=tb, bias=bias, tau=float(tau))
+    args = dict(feats=feats, protos=protos, ta=ta, tb=tb, bias=bias, sw=sw, tau=float(tau))
     if save != "none":
         return tuple(dispatch.kernel(f"ce_fwd_{save}", backend)(**args))
-    lse, za, zb = dispatch.kernel("ce_fwd", backend)(**args)
-    return lse, za, zb, feats.new_empty((0,), dtype=lse.dtype)
+    out = tuple(dispatch.kernel("ce_fwd", backend)(**args))
+    return out + (feats.new_empty((0,), dtype=out[0].dtype),)
 
 
 @ce_fwd.register_fake
-def _(feats, protos, ta, tb, bias, tau, backend, check_finite, save="none"):
+def _(feats, protos, ta, tb, bias, sw, tau, backend, check_finite, save="none"):
     b, _, p = feats.shape
     acc = acc_dtype(feats.dtype)
     if save == "basis":
         x = torch.empty_like(feats)
     else:
         x = feats.new_empty((b, p, protos.shape[0]) if save == "probs" else (0,), dtype=acc)
-    return tuple(feats.new_empty((b, p), dtype=acc) for _ in range(3)) + (x,)
+    return tuple(feats.new_empty((b, p), dtype=acc) for _ in range(4)) + (x,)
 
 
 @torch.library.custom_op("mdp::ce_bwd", mutates_args=())
-def ce_bwd(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], feats: Tensor, protos: Tensor,
-           ta: Tensor, tb: Optional[Tensor], bias: Optional[Tensor], lse: Tensor, tau: Tensor,
+def ce_bwd(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], g_zq: Optional[Tensor],
+           feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+           bias: Optional[Tensor], sw: Optional[Tensor], lse: Tensor, tau: Tensor,
            need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
     df, dp = dispatch.kernel("ce_bwd", backend)(
-        g_lse=g_lse, g_za=g_za, g_zb=g_zb, feats=feats, protos=protos, ta=ta, tb=tb, bias=bias,
-        lse=lse, tau=float(tau), need_feats=need_feats, need_protos=need_protos)
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, feats=feats, protos=protos, ta=ta, tb=tb,
+        bias=bias, sw=sw, lse=lse, tau=float(tau), need_feats=need_feats,
+        need_protos=need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
 
 @ce_bwd.register_fake
-def _(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau, need_feats, need_protos,
-      backend):
+def _(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, bias, sw, lse, tau, need_feats,
+      need_protos, backend):
     return _empty_grad(feats, need_feats), _empty_grad(protos, need_protos)
 
 
 @torch.library.custom_op("mdp::ce_bwd_basis", mutates_args=())
-def ce_bwd_basis(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], basis: Tensor,
-                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: Tensor,
-                 backend: str) -> Tensor:
+def ce_bwd_basis(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], g_zq: Optional[Tensor],
+                 basis: Tensor, feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+                 sw: Optional[Tensor], tau: Tensor, backend: str) -> Tensor:
     return dispatch.kernel("ce_bwd_basis", backend)(
-        g_lse=g_lse, g_za=g_za, g_zb=g_zb, E=basis, feats=feats, protos=protos, ta=ta, tb=tb,
-        tau=float(tau))
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, E=basis, feats=feats, protos=protos,
+        ta=ta, tb=tb, sw=sw, tau=float(tau))
 
 
 @ce_bwd_basis.register_fake
-def _(g_lse, g_za, g_zb, basis, feats, protos, ta, tb, tau, backend):
+def _(g_lse, g_za, g_zb, g_zq, basis, feats, protos, ta, tb, sw, tau, backend):
     return torch.empty_like(feats)
 
 
 @torch.library.custom_op("mdp::ce_bwd_probs", mutates_args=())
-def ce_bwd_probs(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], probs: Tensor,
-                 feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor], tau: Tensor,
-                 need_feats: bool, need_protos: bool, backend: str) -> tuple[Tensor, Tensor]:
+def ce_bwd_probs(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], g_zq: Optional[Tensor],
+                 probs: Tensor, feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+                 sw: Optional[Tensor], tau: Tensor, need_feats: bool, need_protos: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
     df, dp = dispatch.kernel("ce_bwd_probs", backend)(
-        g_lse=g_lse, g_za=g_za, g_zb=g_zb, S=probs, feats=feats, protos=protos, ta=ta, tb=tb,
-        tau=float(tau), need_feats=need_feats, need_protos=need_protos)
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, S=probs, feats=feats, protos=protos,
+        ta=ta, tb=tb, sw=sw, tau=float(tau), need_feats=need_feats, need_protos=need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
 
 @ce_bwd_probs.register_fake
-def _(g_lse, g_za, g_zb, probs, feats, protos, ta, tb, tau, need_feats, need_protos, backend):
+def _(g_lse, g_za, g_zb, g_zq, probs, feats, protos, ta, tb, sw, tau, need_feats, need_protos,
+      backend):
     return _empty_grad(feats, need_feats), _empty_grad(protos, need_protos)
 
 
 def _ce_setup(ctx, inputs, output):
-    feats, protos, ta, tb, bias, tau, backend, _, save = inputs
-    ctx.save_for_backward(feats, protos, ta, tb, bias, tau, output[0], output[3])
+    feats, protos, ta, tb, bias, sw, tau, backend, _, save = inputs
+    ctx.save_for_backward(feats, protos, ta, tb, bias, sw, tau, output[0], output[4])
     ctx.backend, ctx.save = backend, save
-    ctx.mark_non_differentiable(output[3])
+    ctx.mark_non_differentiable(output[4])
     ctx.set_materialize_grads(False)  # else the saved tensor would get a zeros gradient
 
 
-def _ce_backward(ctx, g_lse, g_za, g_zb, _):
-    feats, protos, ta, tb, bias, tau, lse, saved = ctx.saved_tensors
+def _ce_backward(ctx, g_lse, g_za, g_zb, g_zq, _):
+    feats, protos, ta, tb, bias, sw, tau, lse, saved = ctx.saved_tensors
     need_f, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     g_lse, g_za = (torch.zeros_like(lse) if g is None else _grad(g) for g in (g_lse, g_za))
-    if tb is not None:
-        g_zb = torch.zeros_like(lse) if g_zb is None else _grad(g_zb)
-    else:
-        g_zb = None
+    # an absent target / smoothing term gets no gradient; a present one a zero default
+    g_zb = None if tb is None else torch.zeros_like(lse) if g_zb is None else _grad(g_zb)
+    g_zq = None if sw is None else torch.zeros_like(lse) if g_zq is None else _grad(g_zq)
     if ctx.save == "probs":  # no logit recompute at all
-        df, dp = ce_bwd_probs(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, tau,
+        df, dp = ce_bwd_probs(g_lse, g_za, g_zb, g_zq, saved, feats, protos, ta, tb, sw, tau,
                               need_f, need_p, ctx.backend)
         return _input_grads(ce_fwd, feats=df if need_f else None, protos=dp if need_p else None)
     basis_f = need_f and ctx.save == "basis"
     df, dp = None, None
     if basis_f:  # no logit recompute for dF; dP (if needed) still recomputes tiles
-        df = ce_bwd_basis(g_lse, g_za, g_zb, saved, feats, protos, ta, tb, tau,
+        df = ce_bwd_basis(g_lse, g_za, g_zb, g_zq, saved, feats, protos, ta, tb, sw, tau,
                           ctx.backend)
     if (need_f and not basis_f) or need_p:
-        df_r, dp = ce_bwd(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, tau,
+        df_r, dp = ce_bwd(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, bias, sw, lse, tau,
                           need_f and not basis_f, need_p, ctx.backend)
         df = df if basis_f else df_r
     return _input_grads(ce_fwd, feats=df if need_f else None, protos=dp if need_p else None)

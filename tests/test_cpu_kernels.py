@@ -89,20 +89,26 @@ def test_skipped_pixels_are_exactly_zero():
     ta = torch.where(y == IGNORE, -1, y).flatten(1).contiguous()
     skip = ta < 0
     assert skip.any() and not skip.all()
-    lse, za, zb = ops.ce_fwd(f3, p, ta, None, None, 0.1)
+    sw = torch.rand(9) + 0.5  # label smoothing's term too: 0 on skipped pixels
+    args = dict(feats=f3, protos=p, ta=ta, tb=None, bias=None, sw=sw, tau=0.1)
+    lse, za, zb, zq = ops.ce_fwd(**args)
     assert (lse[skip] == 0).all() and (za[skip] == 0).all() and (lse[~skip] != 0).all()
+    assert (zq[skip] == 0).all() and (zq[~skip] != 0).all()
     g = torch.rand_like(lse) + 0.5
-    df, dp = ops.ce_bwd(g, -g, None, f3, p, ta, None, None, lse, 0.1, True, True)
+    grads = dict(g_lse=g, g_za=-g, g_zb=None, g_zq=0.1 * g)
+    df, dp = ops.ce_bwd(**grads, feats=f3, protos=p, ta=ta, tb=None, bias=None, sw=sw, lse=lse,
+                        tau=0.1, need_feats=True, need_protos=True)
     assert (df.permute(0, 2, 1)[skip] == 0).all() and (df.permute(0, 2, 1)[~skip] != 0).all()
-    e = ops.ce_fwd_basis(f3, p, ta, None, None, 0.1)[3]
+    e = ops.ce_fwd_basis(**args)[4]
     assert (e.permute(0, 2, 1)[skip] == 0).all() and (e.permute(0, 2, 1)[~skip] != 0).all()
-    dfb = ops.ce_bwd_basis(g, -g, None, e, f3, p, ta, None, 0.1)
+    dfb = ops.ce_bwd_basis(**grads, E=e, feats=f3, protos=p, ta=ta, tb=None, sw=sw, tau=0.1)
     assert (dfb.permute(0, 2, 1)[skip] == 0).all() and rel_err(dfb, df) <= 1e-6
-    outp = ops.ce_fwd_probs(f3, p, ta, None, None, 0.1)
-    assert all(torch.equal(a, b) for a, b in zip(outp[:3], (lse, za, zb)))
-    sm = outp[3]
+    outp = ops.ce_fwd_probs(**args)
+    assert all(torch.equal(a, b) for a, b in zip(outp[:4], (lse, za, zb, zq)))
+    sm = outp[4]
     assert (sm[skip] == 0).all() and rel_err(sm.sum(-1)[~skip], torch.ones(1)) <= 1e-6
-    dfp, dpp = ops.ce_bwd_probs(g, -g, None, sm, f3, p, ta, None, 0.1, True, True)
+    dfp, dpp = ops.ce_bwd_probs(**grads, S=sm, feats=f3, protos=p, ta=ta, tb=None, sw=sw,
+                                tau=0.1, need_feats=True, need_protos=True)
     assert (dfp.permute(0, 2, 1)[skip] == 0).all() and rel_err(dfp, df) <= 1e-6
     assert rel_err(dpp, dp) <= 1e-6
     mask = ~skip

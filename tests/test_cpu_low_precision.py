@@ -71,7 +71,7 @@ def test_saved_bases_are_in_the_input_dtype():
     """bf16 products are bf16: E and G are kept at half the memory of fp32 ones."""
     f, p, y = make_case(1, 32, 150, (4, 8), dtype=torch.bfloat16)
     ta = torch.where(y == IGNORE, -1, y).flatten(1)
-    e = torch.ops.mdp_ext.ce_fwd_basis(f.flatten(2), p, ta, None, None, 0.1)[3]
+    e = torch.ops.mdp_ext.ce_fwd_basis(f.flatten(2), p, ta, None, None, None, 0.1)[4]
     assert e.dtype == torch.bfloat16 and e.shape == f.flatten(2).shape
     g = torch.ops.mdp_ext.con_fwd_basis(f.flatten(2), f.flatten(2), p, None, None, 0.1, 0.04)[4]
     assert g.dtype == torch.bfloat16

@@ -44,7 +44,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 INT64 = {"lab_ptr"}
 INT32 = {"ta_ptr", "tb_ptr", "mask_ptr", "qm_ptr", "km_ptr", "counts_ptr"}  # see _tiles
 ACC = {"lse_ptr", "za_ptr", "zb_ptr", "ce_ptr", "ent_ptr", "lss_ptr", "lst_ptr", "gl_ptr",
-       "ga_ptr", "gb_ptr", "g_ptr", "part_ptr", "sums_ptr", "dp_ptr", "bias_ptr"}
+       "ga_ptr", "gb_ptr", "g_ptr", "part_ptr", "sums_ptr", "dp_ptr", "bias_ptr", "sw_ptr",
+       "zq_ptr", "gq_ptr"}
 FLOATS = {"scale", "scale_s", "scale_t", "threshold"}
 FLAGS = ("HAS_TB", "HAS_BIAS", "HAS_MASK", "NEED_F", "ATOMIC")
 

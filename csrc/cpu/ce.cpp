@@ -30,8 +30,9 @@ inline int64_t kept(const int64_t* ta, const int64_t* tb, int64_t n, int64_t* id
 
 struct CeArgs {
   // ps = protos / tau (C, D) acc; pl = ps as the products' operand (rounded to the input
-  // dtype for low precision, see tiles.h); bias (C,) / (B, C) acc or undefined
-  at::Tensor feats, ps, pl, bias;
+  // dtype for low precision, see tiles.h); bias (C,) / (B, C) acc, finite (-1e30 for -inf),
+  // or undefined; sw the smoothing weights (C,) / (B, C) acc or undefined
+  at::Tensor feats, ps, pl, bias, sw;
   const int64_t* ta;
   const int64_t* tb;
   int64_t B, D, P, C;
@@ -39,16 +40,19 @@ struct CeArgs {
 
 CeArgs ce_args(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
                const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
-               double tau) {
+               const c10::optional<at::Tensor>& sw, double tau) {
   check_bdp(feats, "feats");
   check_protos(protos, feats);
   const int64_t B = feats.size(0), P = feats.size(2), C = protos.size(0);
   check_targets(ta, B, P);
   if (tb.has_value()) check_targets(*tb, B, P);
   if (bias.has_value()) check_bias(*bias, B, C);
+  if (sw.has_value()) check_class_weights(*sw, B, C);
   const auto acc = acc_scalar_type(feats.scalar_type());
   const auto ps = scaled_protos(protos, 1.0 / tau);
-  return {feats, ps, operand_of(ps, feats.scalar_type()), acc_bias(bias, acc, false),
+  // finite bias: 0 * bias stays 0 in the smoothing term's sum over the masked classes
+  return {feats, ps, operand_of(ps, feats.scalar_type()), acc_bias(bias, acc, true),
+          acc_bias(sw, acc, false),
           ta.const_data_ptr<int64_t>(), tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr,
           B, feats.size(1), P, C};
 }
@@ -108,7 +112,7 @@ void store_probs(at::Tensor& S, int64_t off, int64_t n, const int64_t* idx, int6
 // basis: E (B, D, P) or null; probs: S (B, P, C) or null (at most one of them).
 template <typename T>
 void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
-                   at::Tensor* basis, at::Tensor* probs) {
+                   at::Tensor& zq, at::Tensor* basis, at::Tensor* probs) {
   using A = acc_t<T>;
   using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
@@ -116,6 +120,7 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
   A* lse_p = lse.mutable_data_ptr<A>();
   A* za_p = za.mutable_data_ptr<A>();
   A* zb_p = zb.mutable_data_ptr<A>();
+  A* zq_p = zq.mutable_data_ptr<A>();
   at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
     CeBufs w = CeBufs::make<T>(a, ch.rows, opts);
@@ -139,6 +144,11 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
         if (ta[p] >= 0) za_p[off + p] = zp[i * a.C + ta[p]];
         if (tb && tb[p] >= 0) zb_p[off + p] = zp[i * a.C + tb[p]];
       }
+      if (a.sw.defined()) {  // zq_i = sum_k sw_k z_ik, on the tile while it holds logits
+        const at::Tensor q = at::mv(z, bias_row(a.sw, b));
+        const A* qp = q.const_data_ptr<A>();
+        for (int64_t i = 0; i < nv; ++i) zq_p[off + idx[i]] = qp[i];
+      }
       auto m = at::amax(z, {1}, true);
       auto s = z.sub_(m).exp_().sum({1}, true);
       if (basis)  // E = (exp(z - m) @ P / tau) / s: the 1/s goes on the D-wide product
@@ -156,51 +166,54 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
 
 enum class Saved { kNone, kBasis, kProbs };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_impl(
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau,
-    Saved saved) {
+using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdOut ce_fwd_impl(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+                   const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& sw, double tau, Saved saved) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
-  const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
+  const CeArgs a = ce_args(feats, protos, ta, tb, bias, sw, tau);
   const auto opts = feats.options().dtype(acc_scalar_type(feats.scalar_type()));
   auto lse = at::zeros({a.B, a.P}, opts), za = at::zeros({a.B, a.P}, opts),
-       zb = at::zeros({a.B, a.P}, opts);
+       zb = at::zeros({a.B, a.P}, opts), zq = at::zeros({a.B, a.P}, opts);
   at::Tensor e;
   if (saved == Saved::kBasis)  // laid out like feats, so the backward streams both alike
     e = at::empty_like(feats, at::MemoryFormat::Preserve);
   else if (saved == Saved::kProbs)
     e = at::empty({a.B, a.P, a.C}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd", [&] {
-    ce_fwd_kernel<scalar_t>(a, lse, za, zb, saved == Saved::kBasis ? &e : nullptr,
+    ce_fwd_kernel<scalar_t>(a, lse, za, zb, zq, saved == Saved::kBasis ? &e : nullptr,
                             saved == Saved::kProbs ? &e : nullptr);
   });
-  return {lse, za, zb, e};
+  return {lse, za, zb, zq, e};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd(
     const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
-  auto [lse, za, zb, e] = ce_fwd_impl(feats, protos, ta, tb, bias, tau, Saved::kNone);
-  return {lse, za, zb};
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& sw, double tau) {
+  auto [lse, za, zb, zq, e] = ce_fwd_impl(feats, protos, ta, tb, bias, sw, tau, Saved::kNone);
+  return {lse, za, zb, zq};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_basis(
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
-  return ce_fwd_impl(feats, protos, ta, tb, bias, tau, Saved::kBasis);
+FwdOut ce_fwd_basis(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+                    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& sw, double tau) {
+  return ce_fwd_impl(feats, protos, ta, tb, bias, sw, tau, Saved::kBasis);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_probs(
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias, double tau) {
-  return ce_fwd_impl(feats, protos, ta, tb, bias, tau, Saved::kProbs);
+FwdOut ce_fwd_probs(const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+                    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& sw, double tau) {
+  return ce_fwd_impl(feats, protos, ta, tb, bias, sw, tau, Saved::kProbs);
 }
 
 // dZ per chunk from the recomputed logits and lse, or (probs given) from the saved softmax.
 template <typename T>
 void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g_za,
-                   const c10::optional<at::Tensor>& g_zb, const at::Tensor& lse,
-                   const at::Tensor* probs, at::Tensor* dfeats, at::Tensor* dprotos) {
+                   const c10::optional<at::Tensor>& g_zb, const at::Tensor& g_zq,
+                   const at::Tensor& lse, const at::Tensor* probs, at::Tensor* dfeats,
+                   at::Tensor* dprotos) {
   using A = acc_t<T>;
   using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
@@ -208,6 +221,7 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
   const A* gl = g_lse.const_data_ptr<A>();
   const A* ga = g_za.const_data_ptr<A>();
   const A* gb = g_zb.has_value() ? g_zb->const_data_ptr<A>() : nullptr;
+  const A* gq = a.sw.defined() ? g_zq.const_data_ptr<A>() : nullptr;
   const A* lp = probs ? nullptr : lse.const_data_ptr<A>();
   const at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
   const int64_t parts = num_parts(ch.count);
@@ -251,6 +265,8 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
         if (ta[p] >= 0) zp[i * a.C + ta[p]] += ga[off + p];
         if (tb && tb[p] >= 0) zp[i * a.C + tb[p]] += gb[off + p];
       }
+      if (gq)  // + g_zq_i sw_k
+        z.addr_(gather_col(gq + off, idx, nv, col).squeeze(1), bias_row(a.sw, b));
       const at::Tensor dz = operand_of<T>(z, w.low);
       if (dfeats) store_product<T, R>(*dfeats, b, p0, n, idx, nv, dz, a.pl, dbuf);
       if (dprotos && kLow<T>) dp.add_(at::mm_out(dpl, dz.t(), f));
@@ -260,15 +276,26 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
   if (dprotos) *dprotos = reduce_parts(dps);
 }
 
+// g_zq contiguous when the smoothing weights are given (checked), else undefined.
+at::Tensor check_g_zq(const c10::optional<at::Tensor>& g_zq, const c10::optional<at::Tensor>& sw,
+                      int64_t B, int64_t P, at::ScalarType acc) {
+  TORCH_CHECK(g_zq.has_value() == sw.has_value(), "g_zq must be given exactly when sw is");
+  if (!g_zq.has_value()) return at::Tensor();
+  auto g = g_zq->contiguous();
+  check_bp(g, B, P, acc, "g_zq");
+  return g;
+}
+
 // ce_bwd (lse given: the logits are recomputed) and ce_bwd_probs (the saved softmax S).
 std::tuple<at::Tensor, at::Tensor> ce_bwd_impl(
     const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& g_zq, const at::Tensor& feats, const at::Tensor& protos,
+    const at::Tensor& ta, const c10::optional<at::Tensor>& tb,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& sw,
     const at::Tensor& lse, const at::Tensor* probs, double tau, bool need_feats,
     bool need_protos) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
-  const CeArgs a = ce_args(feats, protos, ta, tb, bias, tau);
+  const CeArgs a = ce_args(feats, protos, ta, tb, bias, sw, tau);
   const auto acc = acc_scalar_type(feats.scalar_type());
   if (probs) {
     TORCH_CHECK(probs->dim() == 3 && probs->size(0) == a.B && probs->size(1) == a.P &&
@@ -288,10 +315,11 @@ std::tuple<at::Tensor, at::Tensor> ce_bwd_impl(
     check_bp(*gb, a.B, a.P, acc, "g_zb");
   }
   TORCH_CHECK(gb.has_value() == tb.has_value(), "g_zb must be given exactly when tb is");
+  const at::Tensor gq = check_g_zq(g_zq, sw, a.B, a.P, acc);
   at::Tensor df, dp;
   if (need_feats) df = empty_like_bdp(feats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_bwd", [&] {
-    ce_bwd_kernel<scalar_t>(a, gl, ga, gb, probs ? lse : lse.contiguous(), probs,
+    ce_bwd_kernel<scalar_t>(a, gl, ga, gb, gq, probs ? lse : lse.contiguous(), probs,
                             need_feats ? &df : nullptr, need_protos ? &dp : nullptr);
   });
   if (need_protos) dp = dp.mul_(1.0 / tau).to(protos.scalar_type());
@@ -300,30 +328,33 @@ std::tuple<at::Tensor, at::Tensor> ce_bwd_impl(
 
 std::tuple<at::Tensor, at::Tensor> ce_bwd(
     const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& g_zq, const at::Tensor& feats, const at::Tensor& protos,
+    const at::Tensor& ta, const c10::optional<at::Tensor>& tb,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& sw,
     const at::Tensor& lse, double tau, bool need_feats, bool need_protos) {
-  return ce_bwd_impl(g_lse, g_za, g_zb, feats, protos, ta, tb, bias, lse, nullptr, tau,
-                     need_feats, need_protos);
+  return ce_bwd_impl(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, bias, sw, lse, nullptr,
+                     tau, need_feats, need_protos);
 }
 
 std::tuple<at::Tensor, at::Tensor> ce_bwd_probs(
     const at::Tensor& g_lse, const at::Tensor& g_za, const c10::optional<at::Tensor>& g_zb,
-    const at::Tensor& S, const at::Tensor& feats, const at::Tensor& protos,
-    const at::Tensor& ta, const c10::optional<at::Tensor>& tb, double tau, bool need_feats,
-    bool need_protos) {
-  return ce_bwd_impl(g_lse, g_za, g_zb, feats, protos, ta, tb, c10::nullopt, at::Tensor(), &S,
-                     tau, need_feats, need_protos);
+    const c10::optional<at::Tensor>& g_zq, const at::Tensor& S, const at::Tensor& feats,
+    const at::Tensor& protos, const at::Tensor& ta, const c10::optional<at::Tensor>& tb,
+    const c10::optional<at::Tensor>& sw, double tau, bool need_feats, bool need_protos) {
+  return ce_bwd_impl(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, c10::nullopt, sw,
+                     at::Tensor(), &S, tau, need_feats, need_protos);
 }
 
 
-// dF = g_lse E + g_za P_ta / tau + g_zb P_tb / tau, 0 on skipped pixels. The scaled
-// prototypes get a zero row C that absent targets point at, so the inner loops are
+// dF = g_lse E + g_za P_ta / tau + g_zb P_tb / tau + g_zq Q / tau, 0 on skipped pixels
+// (Q_b = sum_k sw_bk P_k, rows qs (1 or B, D), the smoothing term; zero without it). The
+// scaled prototypes get a zero row C that absent targets point at, so the inner loops are
 // branch-free; the loop order follows dF's layout ((B, D, P) or pixel-major).
 template <typename T>
 void ce_bwd_basis_kernel(const at::Tensor& g_lse, const at::Tensor& g_za, const at::Tensor* g_zb,
-                         const at::Tensor& e, const at::Tensor& ps, const int64_t* ta_all,
-                         const int64_t* tb_all, at::Tensor& df) {
+                         const at::Tensor& g_zq, const at::Tensor& e, const at::Tensor& ps,
+                         const at::Tensor& qs, const int64_t* ta_all, const int64_t* tb_all,
+                         at::Tensor& df) {
   using A = acc_t<T>;
   const int64_t B = df.size(0), D = df.size(1), P = df.size(2), C = ps.size(0) - 1;
   const Chunks ch(B, P, 256);
@@ -333,9 +364,10 @@ void ce_bwd_basis_kernel(const at::Tensor& g_lse, const at::Tensor& g_za, const 
   const A* gl = g_lse.const_data_ptr<A>();
   const A* ga = g_za.const_data_ptr<A>();
   const A* gb = g_zb ? g_zb->const_data_ptr<A>() : nullptr;
+  const A* gq = g_zq.defined() ? g_zq.const_data_ptr<A>() : nullptr;
   const int64_t sd = df.stride(1), sp = df.stride(2), ed = e.stride(1), ep = e.stride(2);
   for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
-    std::vector<A> cl(ch.rows), ca(ch.rows), cb(ch.rows);
+    std::vector<A> cl(ch.rows), ca(ch.rows), cb(ch.rows), cq(ch.rows);
     std::vector<int64_t> ia(ch.rows), ib(ch.rows);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = ch.image(g), p0 = ch.start(g), n = ch.size(g), off = b * P + p0;
@@ -344,24 +376,27 @@ void ce_bwd_basis_kernel(const at::Tensor& g_lse, const at::Tensor& g_za, const 
         cl[i] = (a >= 0 || t >= 0) ? gl[off + i] : A(0);
         ca[i] = a >= 0 ? ga[off + i] : A(0);
         cb[i] = t >= 0 ? gb[off + i] : A(0);
+        cq[i] = (gq && (a >= 0 || t >= 0)) ? gq[off + i] : A(0);
         ia[i] = a >= 0 ? a : C;
         ib[i] = t >= 0 ? t : C;
       }
       T* dst = df.mutable_data_ptr<T>() + b * df.stride(0) + p0 * sp;
       const T* src = e.const_data_ptr<T>() + b * e.stride(0) + p0 * ep;
+      const A* q = qs.const_data_ptr<A>() + (qs.size(0) > 1 ? b * D : 0);
       if (sp == 1) {
         for (int64_t d = 0; d < D; ++d) {
           const A* col = cols + d * (C + 1);
           for (int64_t i = 0; i < n; ++i)
             dst[d * sd + i] = static_cast<T>(cl[i] * static_cast<A>(src[d * ed + i * ep]) +
-                                             ca[i] * col[ia[i]] + cb[i] * col[ib[i]]);
+                                             ca[i] * col[ia[i]] + cb[i] * col[ib[i]] +
+                                             cq[i] * q[d]);
         }
       } else {
         for (int64_t i = 0; i < n; ++i) {
           const A *ra = rows + ia[i] * D, *rb = rows + ib[i] * D;
           for (int64_t d = 0; d < D; ++d)
             dst[i * sp + d * sd] = static_cast<T>(cl[i] * static_cast<A>(src[d * ed + i * ep]) +
-                                                  ca[i] * ra[d] + cb[i] * rb[d]);
+                                                  ca[i] * ra[d] + cb[i] * rb[d] + cq[i] * q[d]);
         }
       }
     }
@@ -369,9 +404,11 @@ void ce_bwd_basis_kernel(const at::Tensor& g_lse, const at::Tensor& g_za, const 
 }
 
 at::Tensor ce_bwd_basis(const at::Tensor& g_lse, const at::Tensor& g_za,
-                        const c10::optional<at::Tensor>& g_zb, const at::Tensor& e,
+                        const c10::optional<at::Tensor>& g_zb,
+                        const c10::optional<at::Tensor>& g_zq, const at::Tensor& e,
                         const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-                        const c10::optional<at::Tensor>& tb, double tau) {
+                        const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& sw,
+                        double tau) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
   check_bdp(feats, "feats");
   check_protos(protos, feats);
@@ -391,13 +428,17 @@ at::Tensor ce_bwd_basis(const at::Tensor& g_lse, const at::Tensor& g_za,
     check_bp(gb, B, P, acc, "g_zb");
   }
   TORCH_CHECK(gb.defined() == tb.has_value(), "g_zb must be given exactly when tb is");
-  // P / tau with a zero row C for absent targets
-  const auto ps = at::cat({scaled_protos(protos, 1.0 / tau), at::zeros({1, feats.size(1)},
-                                                                      gl.options())});
+  if (sw.has_value()) check_class_weights(*sw, B, protos.size(0));
+  const at::Tensor gq = check_g_zq(g_zq, sw, B, P, acc);
+  // P / tau with a zero row C for absent targets; Q / tau = sw @ P / tau (a zero row without)
+  const auto scaled = scaled_protos(protos, 1.0 / tau);
+  const auto ps = at::cat({scaled, at::zeros({1, feats.size(1)}, gl.options())});
+  const auto qs = sw.has_value() ? at::mm(sw->to(acc).reshape({-1, protos.size(0)}), scaled)
+                                 : at::zeros({1, feats.size(1)}, gl.options());
   auto df = empty_like_bdp(feats);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_bwd_basis",
                                   [&] {
-    ce_bwd_basis_kernel<scalar_t>(gl, ga, gb.defined() ? &gb : nullptr, e, ps,
+    ce_bwd_basis_kernel<scalar_t>(gl, ga, gb.defined() ? &gb : nullptr, gq, e, ps, qs,
                                   ta.const_data_ptr<int64_t>(),
                                   tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr, df);
   });

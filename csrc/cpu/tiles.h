@@ -199,6 +199,15 @@ inline void check_bias(const at::Tensor& bias, int64_t B, int64_t C) {
               ", got ", bias.sizes(), " ", bias.scalar_type());
 }
 
+// Label smoothing's class weights sw: a float32 / float64 (C,) or (B, C) like a bias.
+inline void check_class_weights(const at::Tensor& sw, int64_t B, int64_t C) {
+  TORCH_CHECK((sw.scalar_type() == at::kFloat || sw.scalar_type() == at::kDouble) &&
+                  ((sw.dim() == 1 && sw.size(0) == C) ||
+                   (sw.dim() == 2 && sw.size(0) == B && sw.size(1) == C)),
+              "sw must be a float (C,) or (B, C) tensor with B = ", B, ", C = ", C, ", got ",
+              sw.sizes(), " ", sw.scalar_type());
+}
+
 inline at::Tensor bias_row(const at::Tensor& bias, int64_t b) {
   return !bias.defined() || bias.dim() == 1 ? bias : bias.select(0, b);
 }

@@ -271,18 +271,24 @@ void check_ce_inputs(const at::Tensor& feats, const at::Tensor& protos, const at
   TORCH_CHECK(tau > 0, "tau must be positive, got ", tau);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(const at::Tensor& feats,
-                                                      const at::Tensor& protos,
-                                                      const at::Tensor& ta,
-                                                      const std::optional<at::Tensor>& tb,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      double tau) {
+// The smoothing weights' mean-logit term (sw, g_zq) has no CUDA kernel yet.
+void refuse_smoothing(const std::optional<at::Tensor>& sw) {
+  TORCH_CHECK(!sw.has_value(), "the cuda backend has no label_smoothing kernel; use "
+              "backend='triton' (or 'reference')");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const std::optional<at::Tensor>& tb, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& sw, double tau) {
   check_ce_inputs(feats, protos, ta, tb, bias, tau);
+  refuse_smoothing(sw);
   const c10::cuda::CUDAGuard guard(feats.device());
   const int64_t B = feats.size(0), D = feats.size(1), P = feats.size(2), N = B * P;
   const auto opts = feats.options().dtype(acc_scalar_type(feats.scalar_type()));
   auto lse = at::empty({B, P}, opts), za = at::empty({B, P}, opts), zb = at::empty({B, P}, opts);
-  if (N == 0) return {lse, za, zb};
+  auto zq = at::zeros({B, P}, opts);
+  if (N == 0) return {lse, za, zb, zq};
   const float* b = bias.has_value() ? bias->const_data_ptr<float>() : nullptr;
   const int64_t* tbp = tb.has_value() ? tb->const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "mdp_cuda_ce_fwd", [&] {
@@ -294,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_fwd(const at::Tensor& feats,
         lse.mutable_data_ptr<A>(), za.mutable_data_ptr<A>(), zb.mutable_data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {lse, za, zb};
+  return {lse, za, zb, zq};
 }
 
 constexpr int64_t kMaxPartials = int64_t(1) << 25;  // dprotos partial elements per call
@@ -303,10 +309,12 @@ constexpr int64_t kMaxPartials = int64_t(1) << 25;  // dprotos partial elements 
 // backward ops.
 std::tuple<at::Tensor, at::Tensor> ce_bwd(
     const at::Tensor& g_lse, const at::Tensor& g_za, const std::optional<at::Tensor>& g_zb,
-    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
-    const std::optional<at::Tensor>& tb, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& g_zq, const at::Tensor& feats, const at::Tensor& protos,
+    const at::Tensor& ta, const std::optional<at::Tensor>& tb,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& sw,
     const at::Tensor& lse, double tau, bool need_feats, bool need_protos) {
   check_ce_inputs(feats, protos, ta, tb, bias, tau);
+  refuse_smoothing(sw);
   const auto acc = acc_scalar_type(feats.scalar_type());
   check_per_pixel(g_lse, feats, acc, "g_lse");
   check_per_pixel(g_za, feats, acc, "g_za");
