@@ -23,6 +23,10 @@ TORCH_LIBRARY(mdp_ext, m) {
   m.def("ce_bwd_probs(Tensor g_lse, Tensor g_za, Tensor? g_zb, Tensor? g_zq, Tensor S, "
         "Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? sw, float tau, "
         "bool need_feats, bool need_protos) -> (Tensor, Tensor)");
+  m.def("ce_fwd_grad(Tensor feats, Tensor protos, Tensor ta, Tensor? tb, Tensor? bias, "
+        "Tensor? sw, Tensor c_lse, Tensor c_za, Tensor? c_zb, Tensor? c_zq, float tau, "
+        "bool need_feats, bool need_protos) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("con_fwd(Tensor student, Tensor teacher, Tensor protos, Tensor? bias, Tensor? mask, "
         "float tau_s, float tau_t) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("con_bwd(Tensor g_ce, Tensor student, Tensor teacher, Tensor protos, Tensor? bias, "

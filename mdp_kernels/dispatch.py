@@ -48,6 +48,12 @@ strided (``(B, D, H, W)`` flattened, or an ``(N, D)`` matrix seen as ``(1, D, N)
 ``ce_bwd_probs(g_lse, g_za, g_zb, g_zq, S, feats, protos, ta, tb, sw, tau, need_feats,
         need_protos) -> (dfeats or None, dprotos or None)``: ``ce_bwd`` with dz_ik = g_lse_i
     S_ik + ..., no logit recompute.
+``ce_fwd_grad(feats, protos, ta, tb, bias, sw, c_lse, c_za, c_zb, c_zq, tau, need_feats,
+        need_protos) -> (lse, za, zb, zq, dfeats or None, dprotos or None)``, optional:
+    ``ce_fwd`` plus the gradients of the linear loss L = sum_i c_lse_i lse_i + c_za_i za_i
+    + c_zb_i zb_i + c_zq_i zq_i (``c_zb`` / ``c_zq`` given exactly with ``tb`` / ``sw``),
+    i.e. ``ce_bwd`` with g = c, from the forward's own logit tiles: what a "mean" or "sum"
+    loss needs (its gradient is then a scalar times these).
 ``con_fwd(student, teacher, protos, bias, mask, tau_s, tau_t) -> (ce, ent, lse_s, lse_t)``
     each ``(B, P)`` acc; ``mask`` is None or bool ``(B, P)`` (False: skipped, all zeros).
     s = log_softmax(z^s), t = softmax(z^t) (z^s with tau_s on the student, z^t with tau_t
@@ -103,7 +109,7 @@ NORM_OPS = ("normalize_fwd", "normalize_bwd")
 ELEMENTWISE_OPS = BANK_OPS + NORM_OPS
 # Optional pairs a backend may add to save work in the backward (see the contract above).
 OPTIONAL_OPS = ("ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs",
-                "con_fwd_basis", "con_bwd_basis")
+                "con_fwd_basis", "con_bwd_basis", "ce_fwd_grad")
 OPS = LOSS_OPS + ELEMENTWISE_OPS + OPTIONAL_OPS
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}

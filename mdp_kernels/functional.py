@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, ops, reference, validation as V
+from .config import config
 from .layout import as_bdp, as_bp, mix_reduce, reduce, spatial
 
 # What every docstring says once (formatted in below).
@@ -329,15 +330,56 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     tb = (None if labels_b is None
           else checks.targets(as_bp(labels_b), class_mask, c, ignore_index))
     sw = _smoothing_weights(c, class_mask, weight, label_smoothing, feats)
-    lse, za, zb, zq, _ = ops.ce_fwd(as_bdp(feats), protos.contiguous(), ta, tb,
-                                    _bias(class_mask), sw, _tau_arg(tau), name, check_finite,
-                                    _saved("ce", name, feats, protos, memory))
-    term = _ce_terms(lse, zq, sw, class_mask, weight, label_smoothing)
-    la, na = term(ta, za)
-    if tb is None:
-        return _plus(reduce(la, na, reduction, labels.shape), tokens)
-    lb, nb = term(tb, zb)
-    return _plus(mix_reduce(la, na, lb, nb, lam, reduction, labels.shape), tokens)
+
+    def value(lse, za, zb, zq):  # the loss from the kernel's per-pixel statistics
+        term = _ce_terms(lse, zq, sw, class_mask, weight, label_smoothing)
+        la, na = term(ta, za)
+        if tb is None:
+            return reduce(la, na, reduction, labels.shape)
+        lb, nb = term(tb, zb)
+        return mix_reduce(la, na, lb, nb, lam, reduction, labels.shape)
+
+    args = (as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask), sw, _tau_arg(tau))
+    saved = _saved("ce", name, feats, protos, memory)
+    if _grad_in_forward(name, reduction, protos, memory, saved):
+        return _plus(_ce_grad_in_forward(value, args, feats, protos, name, check_finite), tokens)
+    lse, za, zb, zq, _ = ops.ce_fwd(*args, name, check_finite, saved)
+    return _plus(value(lse, za, zb, zq), tokens)
+
+
+def _grad_in_forward(name: str, reduction: str, protos: Tensor, memory: str,
+                     saved: str) -> bool:
+    """Whether the CE forward also computes the gradients (``ce_fwd_grad``): for a reduced
+    loss (its gradient is a scalar times the per-pixel coefficients, known before the
+    kernel runs) whose prototypes take a gradient, where the backward would otherwise
+    recompute the logit tiles for dP (one matrix product more: no saved softmax), on a
+    backend with that kernel, under the backend's save policy (``config.save="auto"``), not
+    with ``memory="low"`` (dF then lives from the forward on), in eager mode (compiled
+    graphs keep the recompute path)."""
+    return (reduction != "none" and memory == "auto" and config.save == "auto"
+            and saved != "probs" and torch.is_grad_enabled() and protos.requires_grad
+            and dispatch.has_kernel("ce_fwd_grad", name)
+            and not torch.compiler.is_compiling())
+
+
+def _ce_grad_in_forward(value, args: tuple, feats: Tensor, protos: Tensor, name: str,
+                        check_finite: bool) -> Tensor:
+    """``value`` of the statistics with the feature and prototype gradients computed by the
+    forward: ``value`` is linear in (lse, za, zb, zq), so its gradient coefficients, taken
+    by autograd at zero placeholders, are exact; the backward only scales dF and dP."""
+    bdp, ta, tb, sw = args[0], args[2], args[3], args[5]
+    acc = torch.float64 if bdp.dtype == torch.float64 else torch.float32
+    holes = [torch.zeros(ta.shape, dtype=acc, device=ta.device, requires_grad=True)
+             for _ in range(4)]
+    with torch.enable_grad():
+        coefs = torch.autograd.grad(value(*holes), holes, allow_unused=True)
+    coefs = [torch.zeros_like(h) if c is None else c for h, c in zip(holes, coefs)]
+    lse, za, zb, zq, df, dp = ops.ce_fwd_grad(  # the gradients go through scaled_grads
+        bdp.detach(), args[1].detach(), *args[2:], coefs[0], coefs[1],
+        None if tb is None else coefs[2],
+        None if sw is None else coefs[3], name, check_finite, feats.requires_grad,
+        protos.requires_grad)
+    return value(lse, za, zb, zq) + ops.scaled_grads(bdp, args[1], df, dp)
 
 
 def _smoothing_weights(c: int, class_mask: Tensor | None, weight: Tensor | None, eps: float,

@@ -212,6 +212,62 @@ def _ce_backward(ctx, g_lse, g_za, g_zb, g_zq, _):
 ce_fwd.register_autograd(_once("ce_fwd", _ce_backward), setup_context=_ce_setup)
 
 
+@torch.library.custom_op("mdp::ce_fwd_grad", mutates_args=())
+def ce_fwd_grad(feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+                bias: Optional[Tensor], sw: Optional[Tensor], tau: Tensor, c_lse: Tensor,
+                c_za: Tensor, c_zb: Optional[Tensor], c_zq: Optional[Tensor], backend: str,
+                check_finite: bool, need_feats: bool, need_protos: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(lse, za, zb, zq, dfeats, dprotos) of ``ce_fwd_grad``; a gradient not needed is (0,)."""
+    if check_finite:
+        finite_or_raise(feats, "feats")
+        finite_or_raise(protos, "prototypes")
+    lse, za, zb, zq, df, dp = dispatch.kernel("ce_fwd_grad", backend)(
+        feats=feats, protos=protos, ta=ta, tb=tb, bias=bias, sw=sw, c_lse=c_lse, c_za=c_za,
+        c_zb=c_zb, c_zq=c_zq, tau=float(tau), need_feats=need_feats, need_protos=need_protos)
+    return (lse, za, zb, zq, df if need_feats else _empty_grad(feats, False),
+            dp if need_protos else _empty_grad(protos, False))
+
+
+@ce_fwd_grad.register_fake
+def _(feats, protos, ta, tb, bias, sw, tau, c_lse, c_za, c_zb, c_zq, backend, check_finite,
+      need_feats, need_protos):
+    b, _, p = feats.shape
+    stats = tuple(feats.new_empty((b, p), dtype=acc_dtype(feats.dtype)) for _ in range(4))
+    return stats + (torch.empty_like(feats) if need_feats else _empty_grad(feats, False),
+                    _empty_grad(protos, need_protos))
+
+
+@torch.library.custom_op("mdp::scaled_grads", mutates_args=())
+def scaled_grads(feats: Tensor, protos: Tensor, dfeats: Tensor, dprotos: Tensor) -> Tensor:
+    """A 0-d zero whose backward gives ``feats`` and ``prototypes`` the gradients computed by
+    a forward (``ce_fwd_grad``), times the upstream gradient."""
+    return dfeats.new_zeros((), dtype=acc_dtype(feats.dtype))
+
+
+@scaled_grads.register_fake
+def _(feats, protos, dfeats, dprotos):
+    return dfeats.new_empty((), dtype=acc_dtype(feats.dtype))
+
+
+def _scaled_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2], inputs[3])
+
+
+def _scaled_backward(ctx, g):
+    df, dp = ctx.saved_tensors
+    need_f, need_p = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    df = (df * g).to(df.dtype) if need_f else None
+    dp = (dp * g).to(dp.dtype) if need_p else None
+    if torch.is_grad_enabled():  # create_graph: mark them so that _once's guard sees them
+        df, dp = (None if x is None else x.requires_grad_() for x in (df, dp))
+    return _input_grads(scaled_grads, feats=df, protos=dp)
+
+
+scaled_grads.register_autograd(_once("ce_fwd_grad", _scaled_backward),
+                               setup_context=_scaled_setup)
+
+
 # ---------------------------------------------------------------- consistency CE / KL
 @torch.library.custom_op("mdp::con_fwd", mutates_args=())
 def con_fwd(student: Tensor, teacher: Tensor, protos: Tensor, bias: Optional[Tensor],

@@ -109,10 +109,21 @@ void store_probs(at::Tensor& S, int64_t off, int64_t n, const int64_t* idx, int6
   }
 }
 
-// basis: E (B, D, P) or null; probs: S (B, P, C) or null (at most one of them).
+// The gradients of a loss linear in the statistics, L = sum_i c_lse_i lse_i + c_za_i za_i +
+// c_zb_i zb_i + c_zq_i zq_i, computed by the forward from its hot logit tile (ce_fwd_grad).
+template <typename A>
+struct InForward {
+  const A *c_lse, *c_za, *c_zb, *c_zq;  // c_zb / c_zq null without tb / sw
+  at::Tensor* dfeats;                   // or null
+  std::vector<at::Tensor>* dps;         // per-part dP (C, D) acc, or null
+};
+
+// basis: E (B, D, P) or null; probs: S (B, P, C) or null; grad: the in-forward gradients or
+// null (at most one of the three).
 template <typename T>
 void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor& zb,
-                   at::Tensor& zq, at::Tensor* basis, at::Tensor* probs) {
+                   at::Tensor& zq, at::Tensor* basis, at::Tensor* probs,
+                   const InForward<acc_t<T>>* grad = nullptr) {
   using A = acc_t<T>;
   using R = prod_t<T>;
   const Chunks ch(a.B, a.P, tile_rows(a.C));
@@ -122,9 +133,16 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
   A* zb_p = zb.mutable_data_ptr<A>();
   A* zq_p = zq.mutable_data_ptr<A>();
   at::Tensor S = probs ? probs->view({a.B * a.P, a.C}) : at::Tensor();
-  for_parts(ch.count, num_parts(ch.count), [&](int64_t, int64_t g0, int64_t g1) {
+  const int64_t parts = num_parts(ch.count);
+  if (grad && grad->dps) grad->dps->resize(parts);
+  for_parts(ch.count, parts, [&](int64_t part, int64_t g0, int64_t g1) {
     CeBufs w = CeBufs::make<T>(a, ch.rows, opts);
-    at::Tensor ebuf = basis ? at::empty({ch.rows, a.D}, row_options<T>(opts)) : at::Tensor();
+    const bool in_f = grad && grad->dfeats;
+    at::Tensor ebuf = basis || in_f ? at::empty({ch.rows, a.D}, row_options<T>(opts))
+                                    : at::Tensor();
+    at::Tensor dp, dpl, col = at::empty({ch.rows}, opts), col2 = at::empty({ch.rows}, opts);
+    if (grad && grad->dps) dp = (*grad->dps)[part] = at::zeros({a.C, a.D}, opts);
+    if (dp.defined() && kLow<T>) dpl = at::empty({a.C, a.D}, row_options<T>(opts));
     std::vector<int64_t> idx(ch.rows);
     for (int64_t g = g0; g < g1; ++g) {
       const CeChunk c(a, ch, g, idx.data());
@@ -133,11 +151,13 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
       if (nv == 0) {
         if (basis) store_rows<R, R>(*basis, b, p0, n, idx.data(), 0, ebuf);
         if (probs) store_probs<A>(S, off, n, idx.data(), 0, w.tile);
+        if (in_f) store_rows<T, R>(*grad->dfeats, b, p0, n, idx.data(), 0, ebuf);
         continue;
       }
       // all pixels kept: the logits go straight into S's rows and become the softmax there
       at::Tensor dst = probs && nv == n ? S.narrow(0, off, n) : w.tile;
-      at::Tensor z = chunk_logits<T>(a, c, idx.data(), dst, w).second;
+      at::Tensor f, z;
+      std::tie(f, z) = chunk_logits<T>(a, c, idx.data(), dst, w);
       const A* zp = z.const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) {
         const int64_t p = idx[i];
@@ -157,6 +177,21 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
       if (probs) {
         z.div_(s);
         if (nv < n) store_probs<A>(S, off, n, idx.data(), nv, z);
+      }
+      if (grad) {  // dz = c_lse softmax + c_za [k = ta] + c_zb [k = tb] + c_zq sw, then dF, dP
+        z.mul_(gather_col(grad->c_lse + off, idx.data(), nv, col).div_(s));
+        A* zp2 = z.mutable_data_ptr<A>();
+        for (int64_t i = 0; i < nv; ++i) {
+          const int64_t p = idx[i];
+          if (ta[p] >= 0) zp2[i * a.C + ta[p]] += grad->c_za[off + p];
+          if (tb && tb[p] >= 0) zp2[i * a.C + tb[p]] += grad->c_zb[off + p];
+        }
+        if (grad->c_zq)
+          z.addr_(gather_col(grad->c_zq + off, idx.data(), nv, col2).squeeze(1),
+                  bias_row(a.sw, b));
+        const at::Tensor dz = operand_of<T>(z, w.low);
+        if (in_f) store_product<T, R>(*grad->dfeats, b, p0, n, idx.data(), nv, dz, a.pl, ebuf);
+        if (dp.defined()) add_mm<T>(dp, dz.t(), f, dpl);
       }
       const A* lp = s.log_().add_(m).const_data_ptr<A>();
       for (int64_t i = 0; i < nv; ++i) lse_p[off + idx[i]] = lp[i];
@@ -206,6 +241,44 @@ FwdOut ce_fwd_probs(const at::Tensor& feats, const at::Tensor& protos, const at:
                     const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& sw, double tau) {
   return ce_fwd_impl(feats, protos, ta, tb, bias, sw, tau, Saved::kProbs);
+}
+
+// The forward statistics and, from the same logit tiles, the feature / prototype gradients
+// of L = sum_i c_lse_i lse_i + c_za_i za_i + c_zb_i zb_i + c_zq_i zq_i (ce_fwd_grad).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ce_fwd_grad(
+    const at::Tensor& feats, const at::Tensor& protos, const at::Tensor& ta,
+    const c10::optional<at::Tensor>& tb, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& sw, const at::Tensor& c_lse, const at::Tensor& c_za,
+    const c10::optional<at::Tensor>& c_zb, const c10::optional<at::Tensor>& c_zq, double tau,
+    bool need_feats, bool need_protos) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // inputs may require grad
+  const CeArgs a = ce_args(feats, protos, ta, tb, bias, sw, tau);
+  const auto acc = acc_scalar_type(feats.scalar_type());
+  const auto opts = feats.options().dtype(acc);
+  const auto cl = c_lse.contiguous(), ca = c_za.contiguous();
+  check_bp(cl, a.B, a.P, acc, "c_lse");
+  check_bp(ca, a.B, a.P, acc, "c_za");
+  TORCH_CHECK(c_zb.has_value() == tb.has_value(), "c_zb must be given exactly when tb is");
+  TORCH_CHECK(c_zq.has_value() == sw.has_value(), "c_zq must be given exactly when sw is");
+  at::Tensor cb, cq;
+  if (c_zb.has_value()) check_bp(cb = c_zb->contiguous(), a.B, a.P, acc, "c_zb");
+  if (c_zq.has_value()) check_bp(cq = c_zq->contiguous(), a.B, a.P, acc, "c_zq");
+  auto lse = at::zeros({a.B, a.P}, opts), za = at::zeros({a.B, a.P}, opts),
+       zb = at::zeros({a.B, a.P}, opts), zq = at::zeros({a.B, a.P}, opts);
+  at::Tensor df, dp;
+  if (need_feats) df = empty_like_bdp(feats);
+  std::vector<at::Tensor> dps;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, feats.scalar_type(), "ce_fwd_grad",
+                                  [&] {
+    using A = acc_t<scalar_t>;
+    const InForward<A> g{cl.const_data_ptr<A>(), ca.const_data_ptr<A>(),
+                         cb.defined() ? cb.const_data_ptr<A>() : nullptr,
+                         cq.defined() ? cq.const_data_ptr<A>() : nullptr,
+                         need_feats ? &df : nullptr, need_protos ? &dps : nullptr};
+    ce_fwd_kernel<scalar_t>(a, lse, za, zb, zq, nullptr, nullptr, &g);
+  });
+  if (need_protos) dp = reduce_parts(dps).mul_(1.0 / tau).to(protos.scalar_type());
+  return {lse, za, zb, zq, df, dp};  // undefined (None) gradients when not needed
 }
 
 // dZ per chunk from the recomputed logits and lse, or (probs given) from the saved softmax.
@@ -454,6 +527,7 @@ TORCH_LIBRARY_IMPL(mdp_ext, CPU, m) {
   m.impl("ce_bwd_basis", &ce_bwd_basis);
   m.impl("ce_fwd_probs", &ce_fwd_probs);
   m.impl("ce_bwd_probs", &ce_bwd_probs);
+  m.impl("ce_fwd_grad", &ce_fwd_grad);
 }
 
 }  // namespace mdp
