@@ -16,7 +16,7 @@ def tiny() -> list[Case]:
         Case(op="pixel", b=2, hw=16, c=19, d=32),
         Case(op="pool", b=2, hw=32, c=19, d=32),
         Case(op="pseudo", mode="fwd", n=4096, c=19, d=32),
-    ] + [Case(op="ce", b=2, hw=32, c=19, d=32, option=o) for o in ("", "mask_bc", "normalize")]
+    ] + [Case(op="ce", b=2, hw=64, c=19, d=32, option=o) for o in ("", "mask_bc", "normalize")]
 
 
 def cpu_small() -> list[Case]:

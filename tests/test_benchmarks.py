@@ -66,7 +66,7 @@ def test_tiny_preset_table_and_plot(tiny):
     kernels = [k for r in data["results"] if r["case"]["option"] for k in r["impls"]
                if k in cases.KERNELS]
     assert kernels and options.count("\n| ") == len(kernels) + 1
-    assert "| ce | B=2 32x32 D=32 C=19 float32 | mask_bc | cpu |" in options
+    assert "| ce | B=2 64x64 D=32 C=19 float32 | mask_bc | cpu |" in options
     png = (tiny / "tiny-cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert run._sweeps(data["results"], "n") and run._sweeps(data["results"], "c")
