@@ -45,10 +45,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Op options (``Case.option``): "" plain; for ce "weight" (F.cross_entropy's), "smoothing"
 # (label_smoothing=0.1), "mask" (a (C,) class mask, 20% of classes off), "mask_bc" (a
 # (B, C) mask, 20% off per image); for ce, consistency and pixel "normalize" (unnormalised
-# features, normalize=True; the baselines call F.normalize first); for ce and consistency
-# "memory_low" (memory="low": nothing feature-sized kept for the backward).
-OPTIONS = {"ce": ("", "weight", "smoothing", "mask", "mask_bc", "normalize", "memory_low"),
-           "consistency": ("", "normalize", "memory_low"), "pixel": ("", "normalize")}
+# features, normalize=True; the baselines call F.normalize first) and "prenorm" (the same
+# with F.normalize then the plain fused op: what normalize=True replaces); for ce and
+# consistency "memory_low" (memory="low": nothing feature-sized kept for the backward).
+OPTIONS = {"ce": ("", "weight", "smoothing", "mask", "mask_bc", "normalize", "prenorm",
+                  "memory_low"),
+           "consistency": ("", "normalize", "prenorm", "memory_low"),
+           "pixel": ("", "normalize", "prenorm")}
+NORM_KEYS = ("f", "t", "k")  # the inputs that normalize / prenorm normalise
 SMOOTHING = 0.1
 
 
@@ -134,7 +138,7 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
         y[torch.rand(shape, generator=g, device=device) < 0.1] = IGNORE
         return y
 
-    raw = case.option == "normalize"
+    raw = case.option in ("normalize", "prenorm")
     if case.op == "ce" and case.spatial:
         x = {"f": unit(case.b, d, case.hw, case.hw, dim=1, grad=bwd, raw=raw),
              "p": unit(c, d, grad=bwd and case.grad2), "y": labels(case.b, case.hw, case.hw)}
@@ -162,6 +166,10 @@ def make_inputs(case: Case, device, seed: int = 0) -> dict:
 def _loss(case: Case, backend: str) -> Callable[[dict], torch.Tensor]:
     """The op through the public API, reduced to a scalar (a tensor for pseudo-labels)."""
     op, c, opt = case.op, case.c, case.option
+    if opt == "prenorm":
+        plain = _loss(dataclasses.replace(case, option=""), backend)
+        return lambda x: plain({k: F.normalize(v, dim=1) if k in NORM_KEYS else v
+                                for k, v in x.items()})
     norm = ({"normalize": True} if opt == "normalize" else
             {"memory": "low"} if opt == "memory_low" else {})
     if op == "ce":
@@ -199,10 +207,9 @@ def _idiomatic(case: Case) -> Callable[[dict], torch.Tensor]:
     opt = case.option
     if opt == "memory_low":  # a user's eager loss has no such choice
         return _idiomatic(dataclasses.replace(case, option=""))
-    if opt == "normalize":
+    if opt in ("normalize", "prenorm"):
         plain = _idiomatic(dataclasses.replace(case, option=""))
-        keys = ("f", "t", "k")
-        return lambda x: plain({k: F.normalize(v, dim=1) if k in keys else v
+        return lambda x: plain({k: F.normalize(v, dim=1) if k in NORM_KEYS else v
                                 for k, v in x.items()})
     if case.op == "ce" and opt in ("mask", "mask_bc"):
         return _masked_ce
