@@ -129,25 +129,37 @@ def register(backend: str, op: str, fn: Callable) -> None:
     _kernels[backend][op] = fn
 
 
-def register_save_policy(backend: str, policy: Callable[[str, int, int], str]) -> None:
-    """Register ``backend``'s choice of what a forward keeps for its backward."""
+def register_save_policy(backend: str,
+                         policy: Callable[[str, int, int], tuple[str, ...]]) -> None:
+    """Register ``backend``'s choice of what a forward keeps for its backward:
+    ``policy(op, num_classes, dim)`` returns choices in order of preference."""
     _save_policies[backend] = policy
 
 
 def saved_for_backward(op: str, backend: str, num_classes: int, dim: int, *,
-                       feats_grad: bool, protos_grad: bool) -> str:
+                       feats_grad: bool, protos_grad: bool, reduced: bool = False) -> str:
     """What the ``op`` ("ce" or "con") forward on ``backend`` keeps for its backward:
-    ``config.save``, or the backend's policy when it is "auto"; "none" when the backend
-    lacks that pair of kernels or no gradient would use it ("basis" serves the feature
-    gradient only)."""
-    choice = config.save
-    if choice == "auto":
-        choice = _save_policies.get(backend, lambda *_: "none")(op, num_classes, dim)
-    useful = feats_grad if choice == "basis" else (feats_grad or protos_grad)
-    if choice == "none" or not useful or not (has_kernel(f"{op}_fwd_{choice}", backend)
-                                              and has_kernel(f"{op}_bwd_{choice}", backend)):
-        return "none"
-    return choice
+    ``config.save``, or when it is "auto" the first of the backend's preferences that can
+    serve; "none" when none can. A choice serves where the backend has its pair of kernels
+    and a gradient uses it ("basis" serves the feature gradient only). "grad" (the
+    gradients computed in the forward, ``{op}_fwd_grad``) serves a ``reduced`` loss, whose
+    gradient is a scalar times coefficients known before the kernel runs, whose prototypes
+    take a gradient, in eager mode (compiled graphs keep the recompute path)."""
+    if config.save == "auto":
+        choices = _save_policies.get(backend, lambda *_: ())(op, num_classes, dim)
+    else:
+        choices = (config.save,)
+    for choice in choices:
+        if choice == "grad":
+            if (reduced and protos_grad and has_kernel(f"{op}_fwd_grad", backend)
+                    and not torch.compiler.is_compiling()):
+                return choice
+            continue
+        useful = feats_grad if choice == "basis" else (feats_grad or protos_grad)
+        if (choice != "none" and useful and has_kernel(f"{op}_fwd_{choice}", backend)
+                and has_kernel(f"{op}_bwd_{choice}", backend)):
+            return choice
+    return "none"
 
 
 def mark_unavailable(backend: str, reason: str) -> None:

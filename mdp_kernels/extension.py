@@ -34,13 +34,16 @@ def _register(backend: str, key: str) -> None:
 CPU_BASIS_MIN_CLASSES = 96
 
 
-def cpu_save_policy(op: str, num_classes: int, dim: int) -> str:
+def cpu_save_policy(op: str, num_classes: int, dim: int) -> tuple[str, ...]:
     """The basis from ``CPU_BASIS_MIN_CLASSES`` up (it saves a GEMM); below, for CE with
     ``2 C <= D``, the softmax itself (then at most half the features' size, so memory stays
-    O(N D)), which spares both gradients the logit recompute; else nothing."""
-    if num_classes >= CPU_BASIS_MIN_CLASSES:
-        return "basis"
-    return "probs" if op == "ce" and 2 * num_classes <= dim else "none"
+    O(N D)), which spares both gradients the logit recompute; else nothing. Where CE keeps
+    no softmax, the gradients computed in its forward come first (no logit recompute for
+    dP)."""
+    if op == "ce" and num_classes < CPU_BASIS_MIN_CLASSES and 2 * num_classes <= dim:
+        return ("probs",)
+    keep = "basis" if num_classes >= CPU_BASIS_MIN_CLASSES else "none"
+    return ("grad", keep) if op == "ce" else (keep,)
 
 
 def _push_settings(cfg) -> None:

@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 
 from . import checks, dispatch, ops, reference, validation as V
-from .config import config
-from .layout import as_bdp, as_bp, mix_reduce, reduce, spatial
+from .layout import acc_dtype, as_bdp, as_bp, mix_reduce, reduce, spatial
 
 # What every docstring says once (formatted in below).
 _COMMON = r"""ignore_index: the label of pixels that have no target (default -100, as
@@ -205,7 +204,8 @@ def _means(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype), counts > 0
 
 
-def _saved(op: str, name: str, feats: Tensor, protos: Tensor, memory: str) -> str:
+def _saved(op: str, name: str, feats: Tensor, protos: Tensor, memory: str,
+           reduced: bool = False) -> str:
     """What the ``op`` forward keeps for its backward (``dispatch.saved_for_backward``;
     nothing with ``memory="low"``)."""
     if memory == "low":
@@ -213,7 +213,8 @@ def _saved(op: str, name: str, feats: Tensor, protos: Tensor, memory: str) -> st
     grad = torch.is_grad_enabled()
     return dispatch.saved_for_backward(op, name, protos.shape[0], protos.shape[1],
                                        feats_grad=grad and feats.requires_grad,
-                                       protos_grad=grad and protos.requires_grad)
+                                       protos_grad=grad and protos.requires_grad,
+                                       reduced=reduced)
 
 
 @_shared_doc
@@ -275,7 +276,9 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     feature gradient is an O(N D) pass (prototype gradients still recompute the logit
     tiles). With C < 96 and ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most
     half the features' size, what eager autograd keeps too), and neither gradient
-    recomputes logits.
+    recomputes logits. Where it keeps no softmax, a reduced loss whose prototypes require
+    grad gets both gradients from the forward's logit tiles (eager mode; the backward only
+    scales them), so the prototype gradient does not recompute the logits either.
 
     Shape:
         A 0-d float32 loss (float64 for float64 inputs); ``reduction="none"``: the shape of
@@ -340,26 +343,11 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
         return mix_reduce(la, na, lb, nb, lam, reduction, labels.shape)
 
     args = (as_bdp(feats), protos.contiguous(), ta, tb, _bias(class_mask), sw, _tau_arg(tau))
-    saved = _saved("ce", name, feats, protos, memory)
-    if _grad_in_forward(name, reduction, protos, memory, saved):
+    saved = _saved("ce", name, feats, protos, memory, reduced=reduction != "none")
+    if saved == "grad":
         return _plus(_ce_grad_in_forward(value, args, feats, protos, name, check_finite), tokens)
     lse, za, zb, zq, _ = ops.ce_fwd(*args, name, check_finite, saved)
     return _plus(value(lse, za, zb, zq), tokens)
-
-
-def _grad_in_forward(name: str, reduction: str, protos: Tensor, memory: str,
-                     saved: str) -> bool:
-    """Whether the CE forward also computes the gradients (``ce_fwd_grad``): for a reduced
-    loss (its gradient is a scalar times the per-pixel coefficients, known before the
-    kernel runs) whose prototypes take a gradient, where the backward would otherwise
-    recompute the logit tiles for dP (one matrix product more: no saved softmax), on a
-    backend with that kernel, under the backend's save policy (``config.save="auto"``), not
-    with ``memory="low"`` (dF then lives from the forward on), in eager mode (compiled
-    graphs keep the recompute path)."""
-    return (reduction != "none" and memory == "auto" and config.save == "auto"
-            and saved != "probs" and torch.is_grad_enabled() and protos.requires_grad
-            and dispatch.has_kernel("ce_fwd_grad", name)
-            and not torch.compiler.is_compiling())
 
 
 def _ce_grad_in_forward(value, args: tuple, feats: Tensor, protos: Tensor, name: str,
@@ -368,7 +356,7 @@ def _ce_grad_in_forward(value, args: tuple, feats: Tensor, protos: Tensor, name:
     forward: ``value`` is linear in (lse, za, zb, zq), so its gradient coefficients, taken
     by autograd at zero placeholders, are exact; the backward only scales dF and dP."""
     bdp, ta, tb, sw = args[0], args[2], args[3], args[5]
-    acc = torch.float64 if bdp.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(bdp.dtype)
     holes = [torch.zeros(ta.shape, dtype=acc, device=ta.device, requires_grad=True)
              for _ in range(4)]
     with torch.enable_grad():
@@ -389,7 +377,7 @@ def _smoothing_weights(c: int, class_mask: Tensor | None, weight: Tensor | None,
     ``(B, C)`` with a per-image mask; in the accumulation dtype."""
     if not eps:
         return None
-    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(feats.dtype)
     sw = (torch.ones(c, dtype=acc, device=feats.device) if weight is None
           else weight.to(acc))
     return sw if class_mask is None else sw * class_mask

@@ -21,7 +21,6 @@ are missing its title says PARTIAL, and it lists them with the command that fini
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -36,7 +35,7 @@ import numpy as np
 
 from . import config, files
 from .experiment import (BUDGETS, DATA, DEFAULT_DATA, REPO, _dotted, extrapolate,
-                         finetune_opts, measure, pretrain, run_seconds)
+                         finetune_opts, measure, pretrain, run_parser, run_seconds)
 from .trainer import CON_SPACES
 
 DEFAULT_CON = config.DEFAULTS["loss"]["con_space"]
@@ -527,15 +526,9 @@ def estimate(rates: dict | None, budget: dict, todo: list[tuple[str, int]]) -> d
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mdp_train.camvid2", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("MDP_CAMVID", str(DEFAULT_DATA)),
-                    help="CamVid root (default ../shared/data/camvid from the repo, or "
-                         "$MDP_CAMVID)")
-    ap.add_argument("--quick", action="store_true", help="tiny smoke budget, one seed")
-    ap.add_argument("--out", help="run folder, git-ignored (default out/camvid2[-quick])")
-    ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
-                    help="report folder: camvid2[-quick].md/.png, unit JSONs in camvid2[-quick]/")
+    ap = run_parser("python -m mdp_train.camvid2", __doc__,
+                    "run folder, git-ignored (default out/camvid2[-quick])",
+                    "report folder: camvid2[-quick].md/.png, unit JSONs in camvid2[-quick]/")
     ap.add_argument("--arms", nargs="*", choices=list(ARMS),
                     help="run only these arms (the report still expects every arm)")
     ap.add_argument("--threads", type=int,

@@ -290,16 +290,26 @@ def estimate(data: Path, budget: dict, steps: int, root: Path) -> dict:
     return {**rates, **extrapolate(rates, budget, n_pre, n_fin)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m mdp_train.experiment", description=__doc__,
+def run_parser(prog: str, description: str, out_help: str,
+               results_help: str) -> argparse.ArgumentParser:
+    """A CamVid driver's parser with the options every round shares: --data, --quick,
+    --out and --results."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("MDP_CAMVID", str(DEFAULT_DATA)),
                     help="CamVid root (default ../shared/data/camvid from the repo, or "
                          "$MDP_CAMVID)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke budget, one seed")
-    ap.add_argument("--out", help="run folder (default out/camvid-full or out/camvid-quick)")
+    ap.add_argument("--out", help=out_help)
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
-                    help="where camvid.md/.png (camvid-quick.* with --quick) go")
+                    help=results_help)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = run_parser("python -m mdp_train.experiment", __doc__,
+                    "run folder (default out/camvid-full or out/camvid-quick)",
+                    "where camvid.md/.png (camvid-quick.* with --quick) go")
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--seeds", type=int, help="override the number of fine-tuning seeds")
     ap.add_argument("--pretrain-seeds", type=int,

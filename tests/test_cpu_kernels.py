@@ -264,6 +264,18 @@ def test_saved_choice():
             got = choose("ce", "cpu", c, d, feats_grad=need_f, protos_grad=need_p)
             assert got == expect, (c, d, need_f, need_p)
         assert choose("con", "cpu", 95, 190, feats_grad=True, protos_grad=False) == "none"
+        # a reduced CE whose prototypes take a gradient: the gradients in the forward,
+        # unless the softmax is kept; not for a loss without reduction or dP
+        for c, d, reduced, need_p, expect in ((96, 64, True, True, "grad"),
+                                              (19, 16, True, True, "grad"),
+                                              (19, 64, True, True, "probs"),
+                                              (96, 64, False, True, "basis"),
+                                              (96, 64, True, False, "basis")):
+            got = choose("ce", "cpu", c, d, feats_grad=True, protos_grad=need_p,
+                         reduced=reduced)
+            assert got == expect, (c, d, reduced, need_p)
+        assert choose("con", "cpu", 96, 64, feats_grad=True, protos_grad=True,
+                      reduced=True) == "basis"
         # a backend without the optional kernels
         assert choose("ce", "triton", 500, 64, feats_grad=True, protos_grad=True) == "none"
     with mk.config.override(save="probs"):

@@ -69,6 +69,20 @@ struct CeChunk {
         tb(a.tb ? a.tb + off : nullptr), nv(kept(ta, tb, n, idx)) {}
 };
 
+// dZ's target and smoothing terms, added to a chunk's kept rows holding the softmax part:
+// + c_za [k = ta_i] + c_zb [k = tb_i] + c_zq_i sw_k (c_zb / c_zq null without tb / sw).
+template <typename A>
+void add_target_terms(const CeArgs& a, const CeChunk& c, const int64_t* idx, at::Tensor& z,
+                      const A* c_za, const A* c_zb, const A* c_zq, at::Tensor& col) {
+  A* zp = z.mutable_data_ptr<A>();
+  for (int64_t i = 0; i < c.nv; ++i) {
+    const int64_t p = idx[i];
+    if (c.ta[p] >= 0) zp[i * a.C + c.ta[p]] += c_za[c.off + p];
+    if (c.tb && c.tb[p] >= 0) zp[i * a.C + c.tb[p]] += c_zb[c.off + p];
+  }
+  if (c_zq) z.addr_(gather_col(c_zq + c.off, idx, c.nv, col).squeeze(1), bias_row(a.sw, c.b));
+}
+
 // Per-thread buffers: `tile` rows x C acc (logits, dZ); for low precision `low` rows x C of
 // the input type (the product's output and dZ as the next product's operand); `buf` rows x D
 // for gathered feature rows (row_options).
@@ -180,15 +194,7 @@ void ce_fwd_kernel(const CeArgs& a, at::Tensor& lse, at::Tensor& za, at::Tensor&
       }
       if (grad) {  // dz = c_lse softmax + c_za [k = ta] + c_zb [k = tb] + c_zq sw, then dF, dP
         z.mul_(gather_col(grad->c_lse + off, idx.data(), nv, col).div_(s));
-        A* zp2 = z.mutable_data_ptr<A>();
-        for (int64_t i = 0; i < nv; ++i) {
-          const int64_t p = idx[i];
-          if (ta[p] >= 0) zp2[i * a.C + ta[p]] += grad->c_za[off + p];
-          if (tb && tb[p] >= 0) zp2[i * a.C + tb[p]] += grad->c_zb[off + p];
-        }
-        if (grad->c_zq)
-          z.addr_(gather_col(grad->c_zq + off, idx.data(), nv, col2).squeeze(1),
-                  bias_row(a.sw, b));
+        add_target_terms<A>(a, c, idx.data(), z, grad->c_za, grad->c_zb, grad->c_zq, col2);
         const at::Tensor dz = operand_of<T>(z, w.low);
         if (in_f) store_product<T, R>(*grad->dfeats, b, p0, n, idx.data(), nv, dz, a.pl, ebuf);
         if (dp.defined()) add_mm<T>(dp, dz.t(), f, dpl);
@@ -332,18 +338,10 @@ void ce_bwd_kernel(const CeArgs& a, const at::Tensor& g_lse, const at::Tensor& g
         std::tie(f, z) = chunk_logits<T>(a, c, idx, w.tile, w);
         z.sub_(gather_col(lp + off, idx, nv, col)).exp_().mul_(gz);
       }
-      A* zp = z.mutable_data_ptr<A>();
-      for (int64_t i = 0; i < nv; ++i) {
-        const int64_t p = idx[i];
-        if (ta[p] >= 0) zp[i * a.C + ta[p]] += ga[off + p];
-        if (tb && tb[p] >= 0) zp[i * a.C + tb[p]] += gb[off + p];
-      }
-      if (gq)  // + g_zq_i sw_k
-        z.addr_(gather_col(gq + off, idx, nv, col).squeeze(1), bias_row(a.sw, b));
+      add_target_terms<A>(a, c, idx, z, ga, gb, gq, col);
       const at::Tensor dz = operand_of<T>(z, w.low);
       if (dfeats) store_product<T, R>(*dfeats, b, p0, n, idx, nv, dz, a.pl, dbuf);
-      if (dprotos && kLow<T>) dp.add_(at::mm_out(dpl, dz.t(), f));
-      else if (dprotos) dp.addmm_(dz.t(), f);
+      if (dprotos) add_mm<T>(dp, dz.t(), f, dpl);
     }
   });
   if (dprotos) *dprotos = reduce_parts(dps);
