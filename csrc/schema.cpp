@@ -2,8 +2,8 @@
 // implements the phases it has with TORCH_LIBRARY_IMPL(mdp_ext, CPU | CUDA, m); the Python
 // layer (mdp_kernels/extension.py) registers, per backend, the phases that have a kernel for
 // its dispatch key. The contract these implement, and the argument names the Python side
-// calls them with (keywords), are in mdp_kernels/dispatch.py (SIGNATURES), checked against
-// these schemas by tests/test_schemas.py.
+// calls them with (keywords), are in mdp_kernels/dispatch.py (its docstring), checked against
+// the registered schemas by tests/test_schemas.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(mdp_ext, m) {

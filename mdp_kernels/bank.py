@@ -114,7 +114,7 @@ class PrototypeBank(nn.Module):
         name = dispatch.resolve_phase("bank_prototypes", self.backend, sums.device)
         if name == "reference":
             return reference.bank_prototypes(sums, counts, normalize)
-        return ops.bank_prototypes(sums, counts, normalize, name)
+        return ops.bank_prototypes(sums, counts, normalize=normalize, backend=name)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, num_slots={self.num_slots}"

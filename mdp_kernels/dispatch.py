@@ -113,9 +113,9 @@ OPTIONAL_OPS = ("ce_fwd_basis", "ce_bwd_basis", "ce_fwd_probs", "ce_bwd_probs",
 OPS = LOSS_OPS + ELEMENTWISE_OPS + OPTIONAL_OPS
 
 _kernels: dict[str, dict[str, Callable]] = {"cpu": {}, "cuda": {}, "triton": {}}
-# backend -> policy(op, num_classes, dim) -> "basis" | "probs" | "none": what the forward of
-# loss ``op`` ("ce" or "con") keeps for its backward, tuned per backend.
-_save_policies: dict[str, Callable[[str, int, int], str]] = {}
+# backend -> policy(op, num_classes, dim) -> preferences among "grad", "basis", "probs" and
+# "none": what the forward of loss ``op`` ("ce" or "con") keeps for its backward, per backend.
+_save_policies: dict[str, Callable[[str, int, int], tuple[str, ...]]] = {}
 # Why a backend cannot run here, filled in by the module that tried to load it.
 _unavailable: dict[str, str] = {}
 

@@ -121,7 +121,7 @@ def _normalized(op: str, x: Tensor, backend: str) -> Tensor:
     if name == "reference" or x.numel() == 0:
         return reference.normalize(x)
     checks.forbid_transforms(op, name, x)
-    y, _ = ops.normalize(as_bdp(x), name)
+    y, _ = ops.normalize_fwd(as_bdp(x), backend=name)
     return y[0].t() if x.dim() == 2 else y.unflatten(2, x.shape[2:])
 
 
@@ -346,7 +346,7 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
     saved = _saved("ce", name, feats, protos, memory, reduced=reduction != "none")
     if saved == "grad":
         return _plus(_ce_grad_in_forward(value, args, feats, protos, name, check_finite), tokens)
-    lse, za, zb, zq, _ = ops.ce_fwd(*args, name, check_finite, saved)
+    lse, za, zb, zq, _ = ops.ce_fwd(*args, backend=name, check_finite=check_finite, save=saved)
     return _plus(value(lse, za, zb, zq), tokens)
 
 
@@ -365,8 +365,8 @@ def _ce_grad_in_forward(value, args: tuple, feats: Tensor, protos: Tensor, name:
     lse, za, zb, zq, df, dp = ops.ce_fwd_grad(  # the gradients go through scaled_grads
         bdp.detach(), args[1].detach(), *args[2:], coefs[0], coefs[1],
         None if tb is None else coefs[2],
-        None if sw is None else coefs[3], name, check_finite, feats.requires_grad,
-        protos.requires_grad)
+        None if sw is None else coefs[3], backend=name, check_finite=check_finite,
+        need_feats=feats.requires_grad, need_protos=protos.requires_grad)
     return value(lse, za, zb, zq) + ops.scaled_grads(bdp, args[1], df, dp)
 
 
@@ -505,9 +505,10 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
                 if keep is None else keep) & some
     ce, ent, _, _, _ = ops.con_fwd(as_bdp(student), as_bdp(teacher.detach()),
                                    protos.contiguous(), _bias(class_mask), keep,
-                                   _tau_arg(tau_student), _tau_arg(tau_teacher), name,
-                                   check_finite,
-                                   _saved("con", name, student, protos, memory) == "basis")
+                                   _tau_arg(tau_student), _tau_arg(tau_teacher),
+                                   backend=name, check_finite=check_finite,
+                                   save_basis=_saved("con", name, student, protos,
+                                                     memory) == "basis")
     loss = ce if kind == "ce" else ce - ent
     count = loss.new_tensor(loss.numel()) if keep is None else keep.sum()
     return _plus(reduce(loss, count, reduction, spatial(student)), tokens)
@@ -599,7 +600,8 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
     means, present = _means(*ops.class_sums(as_bdp(feats_k), tk, num_classes, name))
     qvalid = (tq >= 0) & present.gather(1, tq.clamp(min=0))
     q, k = _carry_tau_grad(tau, feats_q, feats_k)
-    lse = ops.pix_fwd(as_bdp(q), as_bdp(k), qvalid, tk >= 0, _tau_arg(tau), name, check_finite)
+    lse = ops.pix_fwd(as_bdp(q), as_bdp(k), qvalid, tk >= 0, _tau_arg(tau), backend=name,
+                      check_finite=check_finite)
     pos_mean = means.gather(1, tq.clamp(min=0).unsqueeze(-1).expand(-1, -1, means.shape[-1]))
     pos = torch.einsum("bdp,bpd->bp", as_bdp(feats_q).to(means.dtype), pos_mean) / tau
     loss = torch.where(qvalid, lse - pos, 0.0)
@@ -652,5 +654,6 @@ def pseudo_label(feats: Tensor, prototypes: Tensor, *, threshold: float = 0.8,
         return reference.pseudo_label(feats.detach(), prototypes.detach(), threshold,
                                       class_mask, ignore_index)
     labels, scores = ops.pseudo_label(as_bdp(feats.detach()), prototypes.detach().contiguous(),
-                                      _bias(class_mask), float(threshold), ignore_index, name)
+                                      _bias(class_mask), float(threshold),
+                                      ignore_index=ignore_index, backend=name)
     return labels.reshape(spatial(feats)), scores.reshape(spatial(feats))

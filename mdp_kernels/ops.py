@@ -148,32 +148,32 @@ def _(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, bias, sw, lse, tau, need_f
 
 @torch.library.custom_op("mdp::ce_bwd_basis", mutates_args=())
 def ce_bwd_basis(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], g_zq: Optional[Tensor],
-                 basis: Tensor, feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+                 E: Tensor, feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
                  sw: Optional[Tensor], tau: Tensor, backend: str) -> Tensor:
     return dispatch.kernel("ce_bwd_basis", backend)(
-        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, E=basis, feats=feats, protos=protos,
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, E=E, feats=feats, protos=protos,
         ta=ta, tb=tb, sw=sw, tau=float(tau))
 
 
 @ce_bwd_basis.register_fake
-def _(g_lse, g_za, g_zb, g_zq, basis, feats, protos, ta, tb, sw, tau, backend):
+def _(g_lse, g_za, g_zb, g_zq, E, feats, protos, ta, tb, sw, tau, backend):
     return torch.empty_like(feats)
 
 
 @torch.library.custom_op("mdp::ce_bwd_probs", mutates_args=())
 def ce_bwd_probs(g_lse: Tensor, g_za: Tensor, g_zb: Optional[Tensor], g_zq: Optional[Tensor],
-                 probs: Tensor, feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
+                 S: Tensor, feats: Tensor, protos: Tensor, ta: Tensor, tb: Optional[Tensor],
                  sw: Optional[Tensor], tau: Tensor, need_feats: bool, need_protos: bool,
                  backend: str) -> tuple[Tensor, Tensor]:
     df, dp = dispatch.kernel("ce_bwd_probs", backend)(
-        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, S=probs, feats=feats, protos=protos,
+        g_lse=g_lse, g_za=g_za, g_zb=g_zb, g_zq=g_zq, S=S, feats=feats, protos=protos,
         ta=ta, tb=tb, sw=sw, tau=float(tau), need_feats=need_feats, need_protos=need_protos)
     return (df if need_feats else _empty_grad(feats, False),
             dp if need_protos else _empty_grad(protos, False))
 
 
 @ce_bwd_probs.register_fake
-def _(g_lse, g_za, g_zb, g_zq, probs, feats, protos, ta, tb, sw, tau, need_feats, need_protos,
+def _(g_lse, g_za, g_zb, g_zq, S, feats, protos, ta, tb, sw, tau, need_feats, need_protos,
       backend):
     return _empty_grad(feats, need_feats), _empty_grad(protos, need_protos)
 
@@ -195,16 +195,17 @@ def _ce_backward(ctx, g_lse, g_za, g_zb, g_zq, _):
     g_zq = None if sw is None else torch.zeros_like(lse) if g_zq is None else _grad(g_zq)
     if ctx.save == "probs":  # no logit recompute at all
         df, dp = ce_bwd_probs(g_lse, g_za, g_zb, g_zq, saved, feats, protos, ta, tb, sw, tau,
-                              need_f, need_p, ctx.backend)
+                              need_feats=need_f, need_protos=need_p, backend=ctx.backend)
         return _input_grads(ce_fwd, feats=df if need_f else None, protos=dp if need_p else None)
     basis_f = need_f and ctx.save == "basis"
     df, dp = None, None
     if basis_f:  # no logit recompute for dF; dP (if needed) still recomputes tiles
         df = ce_bwd_basis(g_lse, g_za, g_zb, g_zq, saved, feats, protos, ta, tb, sw, tau,
-                          ctx.backend)
+                          backend=ctx.backend)
     if (need_f and not basis_f) or need_p:
         df_r, dp = ce_bwd(g_lse, g_za, g_zb, g_zq, feats, protos, ta, tb, bias, sw, lse, tau,
-                          need_f and not basis_f, need_p, ctx.backend)
+                          need_feats=need_f and not basis_f, need_protos=need_p,
+                          backend=ctx.backend)
         df = df if basis_f else df_r
     return _input_grads(ce_fwd, feats=df if need_f else None, protos=dp if need_p else None)
 
@@ -317,12 +318,12 @@ def _(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t, tau_s, tau_t, ne
 
 
 @torch.library.custom_op("mdp::con_bwd_basis", mutates_args=())
-def con_bwd_basis(g_ce: Tensor, basis: Tensor, student: Tensor, backend: str) -> Tensor:
-    return dispatch.kernel("con_bwd_basis", backend)(g_ce=g_ce, G=basis, student=student)
+def con_bwd_basis(g_ce: Tensor, G: Tensor, student: Tensor, backend: str) -> Tensor:
+    return dispatch.kernel("con_bwd_basis", backend)(g_ce=g_ce, G=G, student=student)
 
 
 @con_bwd_basis.register_fake
-def _(g_ce, basis, student, backend):
+def _(g_ce, G, student, backend):
     return torch.empty_like(student)
 
 
@@ -342,10 +343,11 @@ def _con_backward(ctx, g_ce, g_ent, g_lse_s, g_lse_t, _):
     basis_s = need_s and ctx.save_basis
     ds, dp = None, None
     if basis_s:  # no logit recompute for dS; dP (if needed) still recomputes tiles
-        ds = con_bwd_basis(g_ce, basis, student, ctx.backend)
+        ds = con_bwd_basis(g_ce, basis, student, backend=ctx.backend)
     if (need_s and not basis_s) or need_p:
         ds_r, dp = con_bwd(g_ce, student, teacher, protos, bias, mask, lse_s, lse_t,
-                           tau_s, tau_t, need_s and not basis_s, need_p, ctx.backend)
+                           tau_s, tau_t, need_feats=need_s and not basis_s,
+                           need_protos=need_p, backend=ctx.backend)
         ds = ds if basis_s else ds_r
     return _input_grads(con_fwd, student=ds if need_s else None,
                         protos=dp if need_p else None)
@@ -394,8 +396,8 @@ def _pix_setup(ctx, inputs, output):
 def _pix_backward(ctx, g_lse):
     q, k, qmask, kmask, tau, lse = ctx.saved_tensors
     need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dq, dk = pix_bwd(_grad(g_lse), q, k, qmask, kmask, lse, tau, need_q, need_k,
-                     ctx.backend)
+    dq, dk = pix_bwd(_grad(g_lse), q, k, qmask, kmask, lse, tau, need_q=need_q,
+                     need_k=need_k, backend=ctx.backend)
     return _input_grads(pix_fwd, q=dq if need_q else None, k=dk if need_k else None)
 
 
@@ -406,13 +408,13 @@ pix_fwd.register_autograd(_once("pix_fwd", _pix_backward), setup_context=_pix_se
 NORM_EPS = 1e-12  # F.normalize's
 
 
-@torch.library.custom_op("mdp::normalize", mutates_args=())
-def normalize(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("mdp::normalize_fwd", mutates_args=())
+def normalize_fwd(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(y, norm): ``F.normalize(x, dim=1)`` of a (B, D, P) view and the per-pixel norms."""
     return tuple(dispatch.kernel("normalize_fwd", backend)(x=x, eps=NORM_EPS))
 
 
-@normalize.register_fake
+@normalize_fwd.register_fake
 def _(x, backend):
     return torch.empty_like(x), x.new_empty((x.shape[0], x.shape[2]), dtype=acc_dtype(x.dtype))
 
@@ -435,11 +437,11 @@ def _normalize_setup(ctx, inputs, output):
 
 def _normalize_backward(ctx, g_y, _):
     y, norm = ctx.saved_tensors
-    return _input_grads(normalize, x=normalize_bwd(g_y, y, norm, ctx.backend))
+    return _input_grads(normalize_fwd, x=normalize_bwd(g_y, y, norm, backend=ctx.backend))
 
 
-normalize.register_autograd(_once("normalize", _normalize_backward),
-                            setup_context=_normalize_setup)
+normalize_fwd.register_autograd(_once("normalize_fwd", _normalize_backward),
+                                setup_context=_normalize_setup)
 
 
 # ---------------------------------------------------------------- pseudo-labels, bank

@@ -34,16 +34,37 @@ def contract_args() -> dict[str, list[str]]:
     return out
 
 
+def contract_returns() -> dict[str, int]:
+    """How many outputs each signature of the dispatch contract returns (after ``->``:
+    a parenthesised tuple, or one tensor)."""
+    doc, out = dispatch.__doc__, {}
+    for m in re.finditer(r"``(\w+)\([^`]*?\)\s*->\s*", doc, re.S):
+        i = m.end()
+        if doc[i] != "(":
+            out[m.group(1)] = 1
+            continue
+        depth, count = 0, 1
+        for ch in doc[i:]:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            count += ch == "," and depth == 1
+            if depth == 0:
+                break
+        out[m.group(1)] = count
+    return out
+
+
 def test_contract_covers_every_phase():
     assert set(contract_args()) == set(dispatch.OPS)
 
 
 def test_registered_schemas_match_the_contract():
     require("cpu", dispatch.LOSS_OPS)
-    contract = contract_args()
+    contract, returns = contract_args(), contract_returns()
+    assert set(returns) == set(dispatch.OPS)
     for op in dispatch.OPS:
         schema = getattr(torch.ops.mdp_ext, op).default._schema
         assert [a.name for a in schema.arguments] == contract[op], op
+        assert len(schema.returns) == returns[op], op
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

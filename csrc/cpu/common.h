@@ -3,16 +3,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "../acc.h"
+
 namespace mdp {
-
-// Accumulation type: double for double, float for float / bf16 / half.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline void check_bdp(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, name, " must be (B, D, P), got ", x.sizes());

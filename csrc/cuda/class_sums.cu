@@ -8,7 +8,7 @@
 // The accumulators live in shared memory when C * DB fits (DB = 128, 64 or 32), else in the
 // block's own zeroed slice of global memory. With several chunks per image, blocks write
 // per-chunk partials that a second kernel adds in chunk order (deterministic, the default);
-// with MDP_CUDA_DETERMINISTIC=0 shared-memory blocks add their partials with float atomics.
+// with mdp_kernels.config.deterministic = False shared-memory blocks add their partials with float atomics.
 // Counts are integers: a shared-memory histogram per block, added with integer atomics.
 //
 // Backward, dfeats[b, d, p] = grad_sums[b, t_p, d] (0 for t_p < 0): a gather.

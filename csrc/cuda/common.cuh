@@ -9,19 +9,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../acc.h"
 #include "../settings.h"
 
 namespace mdp {
 namespace cuda {
-
-// Accumulation type: double for double, float for float / bf16 / half.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Deterministic (default): no float atomics anywhere, results are bitwise reproducible.
 // config.deterministic = False lets class_sums add per-block partial sums with float

@@ -65,6 +65,11 @@ FWD_CONFIGS = grid_configs(("BLOCK_P", "BLOCK_C"), [((64, 64), 4, 2), ((128, 64)
                            + SMALL)
 
 
+def tl_acc(dtype: torch.dtype):
+    """The accumulation type of ``dtype`` inputs as a Triton type (``layout.acc_dtype``)."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
+
+
 def precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for operands of ``dtype`` (see the module docstring)."""
     if dtype != torch.float32:

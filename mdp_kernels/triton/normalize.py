@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ..layout import acc_dtype
-from ._launch import INTERPRET
+from ._launch import INTERPRET, tl_acc
 
 BLOCK_P = 128 if INTERPRET else 64
 BLOCK_D = 128 if INTERPRET else 64
@@ -81,10 +81,6 @@ def _normalize_bwd(g_ptr, y_ptr, n_ptr, dx_ptr, P, D, sgb, sgd, sgp, syb, syd, s
         tl.store(dx_ptr + xo, _cast(dx, dx_ptr, INTERPRETED), mask=m)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
-
-
 def normalize_fwd(x, eps):
     """x (B, D, P) strided -> (y like x, norm (B, P) acc)."""
     bsz, d, npx = x.shape
@@ -92,7 +88,7 @@ def normalize_fwd(x, eps):
     norm = torch.empty(bsz, npx, dtype=acc_dtype(x.dtype), device=x.device)
     if bsz * npx:
         _normalize_fwd[(triton.cdiv(npx, BLOCK_P), bsz)](
-            x, y, norm, npx, d, *x.stride(), *y.stride(), float(eps), ACC=_acc(x.dtype),
+            x, y, norm, npx, d, *x.stride(), *y.stride(), float(eps), ACC=tl_acc(x.dtype),
             INTERPRETED=INTERPRET, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D)
     return y, norm
 
@@ -104,6 +100,6 @@ def normalize_bwd(grad, y, norm, eps):
     if bsz * npx:
         _normalize_bwd[(triton.cdiv(npx, BLOCK_P), bsz)](
             grad, y, norm.contiguous(), dx, npx, d, *grad.stride(), *y.stride(), *dx.stride(),
-            float(eps), ACC=_acc(y.dtype), INTERPRETED=INTERPRET, BLOCK_P=BLOCK_P,
+            float(eps), ACC=tl_acc(y.dtype), INTERPRETED=INTERPRET, BLOCK_P=BLOCK_P,
             BLOCK_D=BLOCK_D)
     return dx

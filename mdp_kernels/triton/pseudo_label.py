@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FWD_CONFIGS, Kernel, bias_row_stride, block_d, precision
+from ._launch import FWD_CONFIGS, Kernel, bias_row_stride, block_d, precision, tl_acc
 from ._tiles import load_protos_t, load_rows, logits
 
 
@@ -54,7 +54,7 @@ def pseudo_label(feats, protos, bias, threshold, ignore_index):
     _kernel[lambda m: (triton.cdiv(npx, m["BLOCK_P"]), bsz)](
         feats, protos.contiguous(), scores if bias is None else bias.contiguous(), labels,
         scores, npx, c, d, *feats.stride(), float(threshold), int(ignore_index),
-        ACC=tl.float64 if feats.dtype == torch.float64 else tl.float32,
+        ACC=tl_acc(feats.dtype),
         sbias=bias_row_stride(bias), HAS_BIAS=bias is not None, PREC=precision(feats.dtype),
         BLOCK_D=block_d(d, feats.dtype))
     return labels, scores
