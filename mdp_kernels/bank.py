@@ -32,9 +32,30 @@ class PrototypeBank(nn.Module):
         ignore_index: label of pixels that are pooled nowhere (default -100; must not be a
             class, i.e. not in ``[0, C)``).
         dtype: floating storage dtype (float32; float64 for exact tests).
+        device: where the state lives (default: the default device); ``.to()`` moves it.
         backend: as the functional ops. The bank phases (``bank_slot``,
             ``bank_prototypes``) of a backend that has no kernel for them (``triton``) run
             the reference implementation on the same device: small reductions, no matmul.
+
+    Shape:
+        - State: ``slot_sums`` ``(num_slots, C, D)``, ``slot_counts`` ``(num_slots, C)``.
+        - ``key_feats``: ``(B, D, *spatial)`` or ``(N, D)``; ``labels``: ``(B, *spatial)`` or
+          ``(N,)``, int, ``ignore_index`` or a class in ``[0, C)``.
+        - :meth:`prototypes`: ``P`` ``(C, D)`` and ``valid`` ``(C,)`` bool.
+
+    Examples::
+
+        >>> bank = PrototypeBank(num_classes=19, dim=16, num_slots=4)
+        >>> k = F.normalize(torch.randn(2, 16, 8, 8), dim=1)
+        >>> y = torch.randint(0, 19, (2, 8, 8)); y[:, 0] = -100
+        >>> bank.update(k, y)
+        >>> P, valid = bank.prototypes()
+        >>> P.shape, bool(valid.any())
+        (torch.Size([19, 16]), True)
+        >>> s, n = bank.slot(k, y)  # checked, state untouched
+        >>> bank.commit(s, n)
+        >>> int(bank.num_updates)
+        2
     """
 
     def __init__(self, num_classes: int, dim: int, num_slots: int, *, ignore_index: int = -100,
@@ -58,9 +79,15 @@ class PrototypeBank(nn.Module):
     @torch.no_grad()
     def slot(self, key_feats: Tensor, labels: Tensor, *, check_finite: bool = True
              ) -> tuple[Tensor, Tensor]:
-        """The slot ``(S (C, D), n (C,))`` that ``key_feats`` ``(B, D, *spatial)`` pooled by
-        ``labels`` would store (all-reduced under ``torch.distributed``); the state is not
-        touched. ``check_finite`` refuses NaN/inf key features with ``ValueError``."""
+        """The slot ``(S (C, D), n (C,))`` that ``key_feats`` would store, without touching
+        the state (all-reduced under ``torch.distributed``).
+
+        Args:
+            key_feats: ``(B, D, *spatial)`` or ``(N, D)`` key-encoder embeddings (detached).
+            labels: ``(B, *spatial)`` or ``(N,)`` class labels; ``ignore_index`` is pooled
+                nowhere.
+            check_finite: refuse NaN/inf key features with ``ValueError``.
+        """
         if not isinstance(key_feats, Tensor) or key_feats.dim() < 2 or (
                 key_feats.shape[1] != self.dim):
             raise ValueError(f"key_feats must be (B, {self.dim}, *spatial) or (N, {self.dim}), "
@@ -83,9 +110,13 @@ class PrototypeBank(nn.Module):
 
     @torch.no_grad()
     def commit(self, s: Tensor, n: Tensor, *, after: tuple[Tensor, ...] = ()) -> None:
-        """Store a slot from :meth:`slot` in place of the oldest. ``after``: tensors the write
-        must follow (a loss computed from the prospective prototypes), which orders it also
-        inside a compiled graph."""
+        """Store a slot in place of the oldest.
+
+        Args:
+            s, n: a slot from :meth:`slot`, ``(C, D)`` and ``(C,)``.
+            after: tensors the write must follow (a loss computed from the prospective
+                prototypes), which orders it also inside a compiled graph.
+        """
         if after:
             s, n = checks.after(s, list(after)), checks.after(n, list(after))
         index = self.ptr.view(1)
@@ -95,17 +126,22 @@ class PrototypeBank(nn.Module):
         self.num_updates.add_(1)
 
     def update(self, key_feats: Tensor, labels: Tensor, *, check_finite: bool = True) -> None:
-        """Pool ``key_feats`` ``(B, D, *spatial)`` by ``labels`` into one slot, evicting the
-        oldest. Raises (leaving the bank unchanged) on bad input, including NaN/inf key
-        features unless ``check_finite=False``."""
+        """Pool ``key_feats`` by ``labels`` into one slot, evicting the oldest: arguments as
+        :meth:`slot`. Raises (leaving the bank unchanged) on bad input, including NaN/inf
+        key features unless ``check_finite=False``."""
         self.commit(*self.slot(key_feats, labels, check_finite=check_finite))
 
     @torch.no_grad()
     def prototypes(self, normalize: bool = True, *,
                    pending: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """``(P (C, D), valid (C,) bool)``; ``normalize`` L2-normalises each valid row.
-        Invalid rows are 0. ``pending``: a slot from :meth:`slot`, counted as if committed
-        (in place of the oldest), without changing the state."""
+        """``(P (C, D), valid (C,) bool)``: the class means over the stored slots; a class
+        no stored image contains is invalid and its row is 0.
+
+        Args:
+            normalize: L2-normalise each valid row.
+            pending: a slot from :meth:`slot`, counted as if committed (in place of the
+                oldest), without changing the state.
+        """
         sums, counts = self.slot_sums, self.slot_counts
         if pending is not None:
             index = self.ptr.view(1)

@@ -266,7 +266,18 @@ def kernel(op: str, backend: str) -> Callable:
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run every loss on ``device`` ("reference" always can): loaded,
-    able to run there, and with every phase of ``LOSS_OPS``."""
+    able to run there, and with every phase of ``LOSS_OPS``.
+
+    Args:
+        device: where the tensors will live (a ``torch.device`` or its name).
+
+    Examples::
+
+        >>> available_backends("cpu")[0]
+        'reference'
+        >>> "cpu" in available_backends("cpu")  # the C++ extension is built
+        True
+    """
     device = torch.device(device)
     names = ["reference"]
     for name in ("cpu", "cuda", "triton"):

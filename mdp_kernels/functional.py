@@ -270,15 +270,16 @@ def prototype_contrast_loss(feats: Tensor, prototypes: Tensor, labels: Tensor, *
 
     With ``memory="auto"`` what the forward keeps for the backward is the backend's policy,
     or ``mdp_kernels.config.save``. The cpu backend, when a gradient will be taken (2 matrix
-    products per forward + feature backward instead of 3): with C >= 96 and ``feats``
-    requiring grad, the forward keeps the softmax expectation ``E_i = sum_k softmax(z_i)_k
-    P_k / tau``, one buffer of the features' size and dtype alive until the backward, so the
-    feature gradient is an O(N D) pass (prototype gradients still recompute the logit
-    tiles). With C < 96 and ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most
-    half the features' size, what eager autograd keeps too), and neither gradient
-    recomputes logits. Where it keeps no softmax, a reduced loss whose prototypes require
-    grad gets both gradients from the forward's logit tiles (eager mode; the backward only
-    scales them), so the prototype gradient does not recompute the logits either.
+    products per forward + feature backward instead of 3): with many classes (C at least
+    ``mdp_kernels.extension.CPU_BASIS_MIN_CLASSES``) and ``feats`` requiring grad, the
+    forward keeps the softmax expectation ``E_i = sum_k softmax(z_i)_k P_k / tau``, one
+    buffer of the features' size and dtype alive until the backward, so the feature gradient
+    is an O(N D) pass (prototype gradients still recompute the logit tiles). With fewer
+    classes and ``2 C <= D`` it keeps the ``N x C`` softmax instead (at most half the
+    features' size, what eager autograd keeps too), and neither gradient recomputes logits.
+    Where it keeps no softmax, a reduced loss whose prototypes require grad gets both
+    gradients from the forward's logit tiles (eager mode; the backward only scales them), so
+    the prototype gradient does not recompute the logits either.
 
     Shape:
         A 0-d float32 loss (float64 for float64 inputs); ``reduction="none"``: the shape of
@@ -442,7 +443,7 @@ def prototype_consistency_loss(student: Tensor, teacher: Tensor, prototypes: Ten
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         normalize: student and teacher both: @NORMALIZE.
         memory: @MEMORY (the cpu backend keeps ``G_i = sum_k (s_ik - t_ik) P_k / tau_s``
-            when C >= 96).
+            from ``mdp_kernels.extension.CPU_BASIS_MIN_CLASSES`` classes up).
         check_finite: raise ``ValueError`` on NaN/inf inputs.
         @COMMON
 

@@ -37,6 +37,13 @@ class PrototypeContrastLoss(nn.Module):
         backend: as the functional ops; checked here, at construction.
         check_finite: refuse NaN/inf features (query, key and consistency inputs).
 
+    Shape:
+        - ``feats``, ``key_feats``, ``con_student``, ``con_teacher``: ``(B, D, *spatial)``
+          (or ``(N, D)``); ``labels``, ``key_labels``, ``labels_b``, ``con_mask``:
+          ``(B, *spatial)`` (or ``(N,)``); ``lam``: a number or ``(B,)``; ``class_mask``:
+          ``(C,)`` or ``(B, C)`` bool.
+        - Output: a 0-d loss (float32; float64 for float64 inputs).
+
     Examples::
 
         >>> crit = PrototypeContrastLoss(num_classes=342, dim=16, bank_images=64,

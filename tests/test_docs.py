@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import mdp_kernels as mk
-from mdp_kernels import functional, modules
+from mdp_kernels import bank, dispatch, functional, modules
 
 
-@pytest.mark.parametrize("module", [functional, modules])
+@pytest.mark.parametrize("module", [bank, dispatch, functional, modules])
 def test_docstring_examples_run(module):
     globs = {"torch": torch, "F": F, **{n: getattr(mk, n) for n in mk.__all__}}
     torch.manual_seed(0)

@@ -88,3 +88,19 @@ def test_cuda_sources_implement_only_defined_phases():
         assert "m.def(" not in text and "TORCH_LIBRARY_FRAGMENT" not in text, path
         for op in re.findall(r'm\.impl\("(\w+)"', text):
             assert op in dispatch.OPS, (path, op)
+
+
+@pytest.mark.parametrize("module", ["reference", "layout", "config"])
+def test_leaf_modules_import_nothing_of_ours(module):
+    """The reference stays an independent ground truth, and the shared helpers stay leaves
+    (imports flow one way: the fused path depends on them, never the reverse)."""
+    import ast
+    import mdp_kernels
+    path = os.path.join(os.path.dirname(mdp_kernels.__file__), f"{module}.py")
+    tree = ast.parse(open(path).read())
+    ours = [ast.unparse(node) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "")
+                                                     .startswith("mdp_kernels"))
+            or isinstance(node, ast.Import) and any(a.name.startswith("mdp_kernels")
+                                                    for a in node.names)]
+    assert ours == [], (module, ours)
