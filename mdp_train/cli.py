@@ -15,7 +15,8 @@ def _data_args(p: argparse.ArgumentParser, prefix_help: str) -> None:
                    "<subset>/images, <subset>/labels), e.g. CamVid")
     p.add_argument("--subsets", nargs="*", help="sub-folders to read (default: all)")
     p.add_argument("--prefix", help=prefix_help)
-    p.add_argument("--scale", type=float, default=0.5, help="inference resize factor")
+    p.add_argument("--scale", type=float, default=FinetuneConfig.eval_scale,
+                   help="inference resize factor")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.batch_size=64")
     d = sub.add_parser("demo", help="pretrain on generated VOC/ADE-layout data (~2 min, CPU)")
-    d.add_argument("--seconds", type=float, default=120.0,
+    d.add_argument("--seconds", type=float, default=argparse.SUPPRESS,
                    help="time budget; the number of steps is sized to it")
     d.add_argument("--steps", type=int, help="a fixed number of steps instead")
     d.add_argument("--out", help="run folder and PNG (default: a temporary run, PNG in "
@@ -47,11 +48,13 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("checkpoint")
     _data_args(v, "use images whose name starts with this")
     v.add_argument("--out", required=True, help="folder for tsne.png / overlays.png")
-    v.add_argument("--points", type=int, default=2000)
-    v.add_argument("--images", type=int, default=4, help="overlay rows (fine-tuned models)")
-    v.add_argument("--perplexity", type=float, default=30.0)
-    v.add_argument("--iters", type=int, default=750)
-    v.add_argument("--seed", type=int, default=0)
+    # defaults: visualize()'s own (a flag not given is not passed)
+    v.add_argument("--points", type=int, default=argparse.SUPPRESS, help="t-SNE points")
+    v.add_argument("--images", type=int, default=argparse.SUPPRESS,
+                   help="overlay rows (fine-tuned models)")
+    v.add_argument("--perplexity", type=float, default=argparse.SUPPRESS)
+    v.add_argument("--iters", type=int, default=argparse.SUPPRESS, help="t-SNE iterations")
+    v.add_argument("--seed", type=int, default=argparse.SUPPRESS)
     return ap
 
 
@@ -75,7 +78,7 @@ def _pretrain(args) -> None:
 
 def _demo(args) -> None:
     from .demo import main as demo
-    demo(args.seconds, args.out, steps=args.steps)
+    demo(**{k: v for k, v in vars(args).items() if k in ("seconds", "out", "steps")})
 
 
 def _finetune(args) -> None:
@@ -111,9 +114,10 @@ def _export(args) -> None:
 
 def _visualize(args) -> None:
     from .visualize import visualize
+    given = {k: v for k, v in vars(args).items()
+             if k in ("points", "images", "seed", "perplexity", "iters")}
     for path in visualize(args.checkpoint, args.data, args.out, args.subsets, args.prefix,
-                          args.points, args.images, args.scale, args.seed, args.perplexity,
-                          args.iters):
+                          scale=args.scale, **given):
         print(f"wrote {path}")
 
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from mdp_train import cli
-from mdp_train.finetune import export_backbone, finetune, load_segnet, read_checkpoint
+from mdp_train.finetune import (FinetuneConfig, export_backbone, finetune, load_segnet,
+                                read_checkpoint)
 from mdp_train.model import ResNet
 from mdp_train.trainer import Trainer
 
@@ -209,3 +210,27 @@ def test_finetune_cli(tmp_path, capsys):
     assert f"mIoU {100 * res['miou']:.2f}" in capsys.readouterr().out
     opts = read_checkpoint(out / "model.pt")["cfg"]
     assert opts["crop"] == [24, 32] and opts["scale"] == [0.9, 1.1] and opts["seed"] == 3
+
+
+def test_config_from_dict_and_sgd_options(tmp_path, monkeypatch):
+    """Unknown options are refused by name; data and out are required; the SGD momentum and
+    weight decay given on the command line reach the optimiser."""
+    with pytest.raises(KeyError, match="unknown fine-tuning options \\['stpes'\\]"):
+        FinetuneConfig.from_dict({"data": "d", "out": "o", "stpes": 3})
+    with pytest.raises(ValueError, match="needs data and out"):
+        FinetuneConfig.from_dict({"data": "d"})
+    assert FinetuneConfig.from_dict({"data": "d", "out": "o"}).momentum == 0.9
+    seen = []
+    sgd = torch.optim.SGD
+
+    def spy(params, **kw):
+        seen.append(kw)
+        return sgd(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy)
+    root = write_folder(tmp_path)
+    cli.main(["finetune", "--data", str(root), "--subsets", "seqA", "--width", "8",
+              "--channels", "16", "--steps", "1", "--batch-size", "2", "--crop", "24", "32",
+              "--momentum", "0.5", "--weight-decay", "0.001", "--out", str(tmp_path / "ft"),
+              "--no-progress"])
+    assert seen and seen[0]["momentum"] == 0.5 and seen[0]["weight_decay"] == 0.001
