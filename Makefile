@@ -25,8 +25,8 @@ $(PY):
 
 $(STAMP): $(PY) $(SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q triton numpy pytest pytest-benchmark hypothesis ninja "setuptools>=64" wheel tqdm pyyaml pillow matplotlib
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PIP) install -q ninja "setuptools>=64" wheel
+	$(PIP) install -q --no-build-isolation -e ".[dev,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
