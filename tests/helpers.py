@@ -8,6 +8,11 @@ IGNORE = -100
 # (the sums of the pooling op, no exp/log, are held to the tighter SUM_TOL).
 TOL = 1e-5
 SUM_TOL = 1e-6
+# float64 kernels against the float64 reference (only the order of summation differs).
+F64_TOL = 1e-10
+# Two float32 fused paths of one op (other chunking, or what the forward saves): the same
+# maths summed in another order.
+PATH_TOL = 1e-6
 
 # Low-precision results may be this many times worse than the eager low-precision reference
 # (both measured against float64), plus a small absolute floor.

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import IGNORE, TOL, loss_and_grads, make_case, rel_err
+from helpers import IGNORE, F64_TOL, PATH_TOL, TOL, loss_and_grads, make_case, rel_err
 
 BACKENDS = ["reference", "cpu", "triton"]
 TAU = 0.2
@@ -34,7 +34,7 @@ def compare(backend, dtype, c=19, tol=None, **kw):
                                            else w.to(d, dtype), **kw),
                          f.to(d, dtype), p.to(d, dtype))
     ref = loss_and_grads(lambda f, p: torch_ce(f, p, y, weight=w, **kw), f, p)
-    tol = tol or (1e-10 if dtype == torch.float64 else TOL)
+    tol = tol or (F64_TOL if dtype == torch.float64 else TOL)
     for name, a, b in zip(("loss", "dfeats", "dprotos"), got, ref):
         assert rel_err(a.cpu(), b) <= tol, f"{name}: {rel_err(a.cpu(), b):.3g}"
 
@@ -63,7 +63,7 @@ def test_mixing_uses_each_targets_weight_and_normaliser(backend):
                weight=w.to(d), label_smoothing=0.1)
     expect = (0.3 * torch_ce(f, p, y, weight=w, label_smoothing=0.1)
               + 0.7 * torch_ce(f, p, yb, weight=w, label_smoothing=0.1))
-    assert rel_err(got.cpu(), expect) <= 1e-10
+    assert rel_err(got.cpu(), expect) <= F64_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -81,7 +81,7 @@ def test_smoothing_spreads_over_allowed_classes(backend):
     ref = loss_and_grads(lambda f: torch_ce(f, p[allowed], ys, weight=w[allowed],
                                             label_smoothing=0.2), f)
     for a, b in zip(got, ref):
-        assert rel_err(a.cpu(), b) <= 1e-10
+        assert rel_err(a.cpu(), b) <= F64_TOL
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -171,6 +171,6 @@ def test_memory_low_keeps_nothing_feature_sized(op):
         runs[memory] = _feature_sized_saves(fn(memory), leaf), leaf.grad
     inputs = 1 if op == "ce" else 2  # the features (and the teacher's), then the basis
     assert runs["auto"][0] == inputs + 1 and runs["low"][0] == inputs
-    assert rel_err(runs["low"][1], runs["auto"][1]) <= 1e-6
+    assert rel_err(runs["low"][1], runs["auto"][1]) <= PATH_TOL
     with pytest.raises(ValueError, match="memory must be 'auto' or 'low'"):
         fn("small")(f)

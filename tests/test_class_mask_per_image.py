@@ -5,7 +5,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import IGNORE, loss_and_grads, make_case, rel_err, unit
+from helpers import F64_TOL, IGNORE, loss_and_grads, make_case, rel_err, unit
 
 BACKENDS = ["reference", "cpu", "triton"]
 
@@ -39,7 +39,7 @@ def test_ce_matches_per_image_loop(backend, mix):
         label_smoothing=0.1, backend="reference", **kw(i)) for i in range(3)),
         f.to(d), p.to(d))
     for a, b in zip(got, ref):
-        assert rel_err(a.cpu(), b.cpu()) <= 1e-10
+        assert rel_err(a.cpu(), b.cpu()) <= F64_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -55,10 +55,10 @@ def test_consistency_matches_per_image_loop(backend):
         s[i:i + 1], t[i:i + 1].to(d), p, class_mask=cm[i].to(d), kind="kl", reduction="sum",
         backend="reference") for i in range(3)), f.to(d), p.to(d))
     for a, b in zip(got, ref):
-        assert rel_err(a.cpu(), b.cpu()) <= 1e-10
+        assert rel_err(a.cpu(), b.cpu()) <= F64_TOL
     mean = mk.prototype_consistency_loss(f.to(d), t.to(d), p.to(d), class_mask=cm.to(d),
                                          kind="kl", backend=backend)
-    assert rel_err(mean.cpu(), got[0] / (2 * 20)) <= 1e-10  # the empty image does not count
+    assert rel_err(mean.cpu(), got[0] / (2 * 20)) <= F64_TOL  # the empty image does not count
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

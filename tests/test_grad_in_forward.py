@@ -7,7 +7,7 @@ import torch
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import loss_and_grads, make_case, rel_err
+from helpers import F64_TOL, TOL, loss_and_grads, make_case, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,7 @@ def test_matches_reference_with_every_option(calls, reduction, c, dtype):
     got = loss_and_grads(loss("cpu", y, cm, reduction), f.to(dtype), p.to(dtype))
     assert calls == ["ce_fwd_grad"]
     ref = loss_and_grads(loss("reference", y, cm, reduction), f, p)
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    tol = F64_TOL if dtype == torch.float64 else TOL
     for name, a, b in zip(("loss", "dfeats", "dprotos"), got, ref):
         assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.3g}"
 
@@ -61,7 +61,7 @@ def test_upstream_gradient_retain_graph_and_double_backward(calls):
     for a, b in zip(first, second):
         assert torch.allclose(a * (-0.5 / 3), b, rtol=1e-12, atol=0)
     ref = loss_and_grads(loss("reference", y, cm, "mean"), f, p)
-    assert rel_err(first[0] / 3, ref[1]) <= 1e-10 and rel_err(first[1] / 3, ref[2]) <= 1e-10
+    assert rel_err(first[0] / 3, ref[1]) <= F64_TOL and rel_err(first[1] / 3, ref[2]) <= F64_TOL
     g, = torch.autograd.grad(out, f, create_graph=True)
     with pytest.raises(RuntimeError, match="ce_fwd_grad is differentiable once"):
         g.sum().backward()
@@ -79,7 +79,7 @@ def test_learnable_temperature_and_mixing_weight(calls):
     got, ref = run("cpu"), run("reference")
     assert calls == ["ce_fwd_grad"]
     for a, b in zip(got, ref):
-        assert rel_err(a, b) <= 1e-10
+        assert rel_err(a, b) <= F64_TOL
 
 
 @pytest.mark.parametrize("setting", ["none", "no_protos_grad", "memory_low", "probs", "compile"])

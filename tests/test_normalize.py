@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import mdp_kernels as mk
 from conftest import require
-from helpers import TOL, check_low_precision, loss_and_grads, make_case, rel_err
+from helpers import F64_TOL, TOL, check_low_precision, loss_and_grads, make_case, rel_err
 
 BACKENDS = ["reference", "cpu", "triton", "cuda"]
 
@@ -77,7 +77,7 @@ def test_matches_f_normalize_then_the_op(backend, op, dtype):
     got = loss_and_grads(make(True, backend), *(t.to(d, dtype) for t in inputs))
     make_ref, inputs = case(op)
     ref = loss_and_grads(make_ref(False, "reference"), *inputs)
-    tol = 1e-10 if dtype == torch.float64 else TOL
+    tol = F64_TOL if dtype == torch.float64 else TOL
     for name, a, b in zip(("loss", "grad 0", "grad 1"), got, ref):
         assert rel_err(a.cpu(), b) <= tol, f"{op} {name}: {rel_err(a.cpu(), b):.3g}"
 
