@@ -159,7 +159,8 @@ def _basis_for_any_c():
 
 def ce_grads(f, p, y, yb, cm, need_p, save):
     """(loss, dF, dP) of a mixed, masked CE with the forward keeping ``save`` ("basis",
-    "probs", or "none": the backward recomputes the logits)."""
+    "probs", or "none": the backward recomputes the logits). Not ``loss_and_grads``: whether
+    the prototypes require grad (``need_p``) is part of what steers the saved tensors."""
     with mk.config.override(save=save):
         fr, pr = f.clone().requires_grad_(), p.clone().requires_grad_(need_p)
         loss = mk.prototype_contrast_loss(fr, pr, y, labels_b=yb, lam=0.3, class_mask=cm,
@@ -310,7 +311,8 @@ def test_saved_gradcheck(save):
 
 # ---------------------------------------------------------------- consistency basis path
 def con_grads(s, t, p, mask, cm, kind, need_p, basis):
-    """(loss, dS, dP) of a masked consistency loss; ``basis`` False forces the recompute."""
+    """(loss, dS, dP) of a masked consistency loss; ``basis`` False forces the recompute
+    (``need_p`` as in ``ce_grads``)."""
     with mk.config.override(save="basis" if basis else "none"):
         sr, pr = s.clone().requires_grad_(), p.clone().requires_grad_(need_p)
         loss = mk.prototype_consistency_loss(sr, t, pr, mask=mask, class_mask=cm, kind=kind,
