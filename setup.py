@@ -13,14 +13,15 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
-
 def openmp_flags() -> tuple[list[str], list[str]]:
     """(compile, link) flags for OpenMP with the compilers PyTorch supports: MSVC, Apple
-    clang (libomp, from Homebrew or conda) and GCC / LLVM clang."""
+    clang (libomp: the one PyTorch's macOS wheels ship in torch/lib, else Homebrew's or
+    conda's on the default path) and GCC / LLVM clang."""
     if sys.platform == "win32":
         return ["/openmp"], []
     if sys.platform == "darwin":
-        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+        torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+        return ["-Xpreprocessor", "-fopenmp"], ["-L" + torch_lib, "-lomp"]
     return ["-fopenmp"], ["-fopenmp"]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -70,8 +71,35 @@ DEFAULTS: dict = {
 }
 
 
+# Keys whose value may be of another type than their default's.
+TYPES = {"loss.bank_images": (str, int), "semi.warmup_steps": (str, int),
+         "train.steps": (type(None), int), "train.resume": (str, os.PathLike, type(None)),
+         "model.pretrained": (type(None), str, os.PathLike)}
+
+
+def _check_type(key: str, default, value) -> None:
+    """``value`` has the type of ``default`` (ints for floats, paths for strings), or one
+    that ``TYPES`` allows for ``key``."""
+    if key in TYPES:
+        allowed = TYPES[key]
+    elif default is None:
+        return
+    elif isinstance(default, bool):
+        allowed = (bool,)
+    elif isinstance(default, float):
+        allowed = (int, float)
+    elif isinstance(default, str):
+        allowed = (str, os.PathLike)
+    else:
+        allowed = (type(default),)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise TypeError(f"config key {key!r} takes {names}, got {value!r}")
+
+
 def merge(base: dict, new: dict, where: str = "") -> dict:
-    """Recursive update of ``base`` by ``new``; unknown keys are errors."""
+    """Recursive update of ``base`` by ``new``; unknown keys and values of the wrong type
+    are errors naming the key."""
     out = copy.deepcopy(base)
     for k, v in new.items():
         if k not in out:
@@ -79,6 +107,7 @@ def merge(base: dict, new: dict, where: str = "") -> dict:
         if isinstance(out[k], dict) and isinstance(v, dict):
             out[k] = merge(out[k], v, f"{where}{k}.")
         else:
+            _check_type(where + k, out[k], v)
             out[k] = v
     return out
 

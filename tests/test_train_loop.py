@@ -158,5 +158,14 @@ def test_config_overrides_and_errors(tmp_path):
         config.load(None, ["loss.tua=1"])
     with pytest.raises(ValueError, match="key=value"):
         config.load(None, ["loss.tau"])
+    # typed values: the default's type (ints for floats), or the documented alternatives
+    for bad, msg in (("train.steps=x", "'train.steps' takes NoneType or int"),
+                     ("train.amp=1", "'train.amp' takes bool"),
+                     ("data.crop_size=true", "'data.crop_size' takes int"),
+                     ("loss.tau=fast", "'loss.tau' takes int or float")):
+        with pytest.raises(TypeError, match=msg):
+            config.load(None, [bad])
+    cfg = config.load(None, ["optim.lr=1", "loss.bank_images=64", "train.resume=null"])
+    assert cfg["optim"]["lr"] == 1 and cfg["loss"]["bank_images"] == 64
     with pytest.raises(ValueError, match="mixup"):
         Trainer(fx.tiny_config(tmp_path, tmp_path / "r", "loss.kind=pixel"))
