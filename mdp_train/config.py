@@ -94,7 +94,7 @@ def _check_type(key: str, default, value) -> None:
         allowed = (type(default),)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         names = " or ".join(t.__name__ for t in allowed)
-        raise TypeError(f"config key {key!r} takes {names}, got {value!r}")
+        raise ValueError(f"config key {key!r} takes {names}, got {value!r}")
 
 
 def merge(base: dict, new: dict, where: str = "") -> dict:

@@ -163,7 +163,7 @@ def test_config_overrides_and_errors(tmp_path):
                      ("train.amp=1", "'train.amp' takes bool"),
                      ("data.crop_size=true", "'data.crop_size' takes int"),
                      ("loss.tau=fast", "'loss.tau' takes int or float")):
-        with pytest.raises(TypeError, match=msg):
+        with pytest.raises(ValueError, match=msg):
             config.load(None, [bad])
     cfg = config.load(None, ["optim.lr=1", "loss.bank_images=64", "train.resume=null"])
     assert cfg["optim"]["lr"] == 1 and cfg["loss"]["bank_images"] == 64
