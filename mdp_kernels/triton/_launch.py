@@ -99,7 +99,8 @@ def block_d(d: int, dtype: torch.dtype) -> int:
     if d > max_dim(dtype):
         raise ValueError(f"the triton backend takes feature dims up to {max_dim(dtype)} for "
                          f"{dtype} (one row of D elements in 1 KB of shared memory), got "
-                         f"D = {d}; use backend='cuda', 'cpu' or 'reference'")
+                         f"D = {d}; use backend='reference' (any device), 'cuda' for CUDA tensors or "
+                         f"'cpu' for CPU ones")
     return max(16, triton.next_power_of_2(d))
 
 
@@ -138,8 +139,10 @@ class Kernel:
              split: bool = False) -> tuple[int, int]:
         """(shared-memory bytes, accumulator registers per thread) estimated for ``cfg``.
         Loop tiles are double-buffered even at num_stages = 1; ``split``: tf32x3 operands,
-        stored as a high and a low part. Calibrated against Triton 3.6 for sm_90 (an upper
-        bound for every config of tests/triton_compile_check.py)."""
+        stored as a high and a low part. Calibrated against Triton 3.6 for sm_90: an upper
+        bound for every config of tests/triton_compile_check.py under the default fp32
+        policy; under TF32 one flag variant exceeds it, still within the limit (README,
+        GPU check)."""
         once, loop, acc = self.tiles(cfg.kwargs, bd)
         return (SCRATCH + (1 + split) * esize * (once + max(2, cfg.num_stages) * loop),
                 acc * acc_size // 4 // (32 * cfg.num_warps))
