@@ -29,7 +29,8 @@ from .presets import PRESETS
 
 SCHEMA = 1
 # The baselines of the ratios: what a user would pick instead (benchmarks/cases.py).
-RATIO_BASES = {"eager": "eager", "compile": "compile", "lce": "lce"}
+RATIO_BASES = {"eager": "eager", "compile": "compile", "lce": "lce", "liger": "liger",
+               "cce": "cce"}
 
 
 def _measure_case(case: Case, impls: list[str], device: torch.device, threads: int,
@@ -74,9 +75,9 @@ def _measure_case(case: Case, impls: list[str], device: torch.device, threads: i
 
 
 def ratios(row: dict) -> dict:
-    """Per implementation: time / eager, / compile, / LCE, / floor (and / bandwidth floor
-    on GPU), and peak extra memory / eager's. Only ratios whose base was measured and is
-    positive."""
+    """Per implementation: time / eager, / compile, / LCE, / Liger, / CCE, / floor (and
+    / bandwidth floor on GPU), and peak extra memory / eager's. Only ratios whose base was
+    measured and is positive."""
     out = {}
     imp = row["impls"]
     for name, r in imp.items():
@@ -118,8 +119,10 @@ def markdown(result: dict) -> str:
              "for consistency), `compile` its `torch.compile`; `reference` is this "
              "project's plain-PyTorch ground truth.", ""]
     bw = result["copy_bandwidth_gbs"] is not None
-    head = ["op", "mode", "case", "impl", "ms", "x eager", "x compile", "x LCE", "x floor",
-            "% peak"]
+    # Liger / CCE columns only when this run measured them (GPU, wheels installed)
+    ext = [k for k in ("liger", "cce") if any(k in row["impls"] for row in result["results"])]
+    head = ["op", "mode", "case", "impl", "ms", "x eager", "x compile", "x LCE"]
+    head += [{"liger": "x Liger", "cce": "x CCE"}[k] for k in ext] + ["x floor", "% peak"]
     head += ["x bytes/copy-bw"] if bw else []
     head += ["MB", "mem x eager"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -130,8 +133,10 @@ def markdown(result: dict) -> str:
         for name, r in row["impls"].items():
             q = row["ratios"][name]
             cells = [row["op"], row["mode"], row["label"], name, f(r["time_ms"], "{:.3g}"),
-                     f(q.get("eager")), f(q.get("compile")), f(q.get("lce")), f(q.get("floor")),
-                     f(None if q.get("peak") is None else 100 * q["peak"], "{:.0f}")]
+                     f(q.get("eager")), f(q.get("compile")), f(q.get("lce"))]
+            cells += [f(q.get(k)) for k in ext]
+            cells += [f(q.get("floor")),
+                      f(None if q.get("peak") is None else 100 * q["peak"], "{:.0f}")]
             cells += [f(q.get("bandwidth"))] if bw else []
             mb = None if r["mem_bytes"] is None else r["mem_bytes"] / 2**20
             cells += [f(mb, "{:.1f}"), f(q.get("mem"))]
@@ -139,7 +144,8 @@ def markdown(result: dict) -> str:
         fl = (100 * row["gflop"] / (row["floor"]["time_ms"] / 1e3) / row["peak_gflops"]
               if row.get("gflop") and row.get("peak_gflops") else None)
         lines.append(f"| {row['op']} | {row['mode']} | {row['label']} | *floor* | "
-                     f"{row['floor']['time_ms']:.3g} | | | | {row['floor']['what']} | "
+                     f"{row['floor']['time_ms']:.3g} | | | |{' |' * len(ext)} "
+                     f"{row['floor']['what']} | "
                      f"{f(fl, '{:.0f}')} |" + (" |" if bw else "") + " | |")
     lines += _options_table(result["results"])
     skipped = sorted({f"`{k}`: {v}" for row in result["results"]

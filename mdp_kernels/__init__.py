@@ -1,7 +1,9 @@
 """mdp-kernels: fused pixel-to-prototype contrastive losses for multi-dataset pretraining.
 
 Public API: the functional ops, ``PrototypeBank`` and the ``PrototypeContrastLoss`` module.
-Every op takes ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``.
+Every op takes ``backend="auto" | "reference" | "cpu" | "cuda" | "triton"``. On CUDA
+tensors ``auto`` picks Triton; the ``cuda`` backend is experimental (not measured on a GPU,
+see the README, Backends) and runs only when asked for or where Triton is missing.
 """
 from . import ops  # registers the mdp:: custom ops
 from . import extension  # registers the C++/CUDA kernels

@@ -197,7 +197,7 @@ def _device_ok(backend: str, device: torch.device) -> str | None:
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda":
-        return ("triton", "cuda")
+        return ("triton", "cuda")  # cuda is experimental: only where Triton is missing
     if device.type == "cpu":
         return ("cpu",)
     return ()

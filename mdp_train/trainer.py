@@ -299,7 +299,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _autocast(self):
-        return torch.autocast("cuda", torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp)
+
+    def _amp(self, feats: Tensor) -> Tensor:
+        """Loss features in bf16 under amp: the losses run outside autocast, and
+        ``F.normalize`` returns fp32 even inside it (fp32 would take the slower tf32x3 path)."""
+        return feats.to(torch.bfloat16) if self.amp else feats
 
     def train_step(self, batch: dict) -> dict:
         """One optimisation step on a collated batch; returns its metrics."""
@@ -337,7 +342,7 @@ class Trainer:
             masks = [own, own, both[mixed]]
         with self._autocast():
             out = self.ddp(torch.cat(views))
-        head = out["cls"] if self.kind == "ce" else out["proj"]
+        head = out["cls"] if self.kind == "ce" else self._amp(out["proj"])
         size = tuple(head.shape[2:])
         la, lb = (_down(torch.cat(x), size) for x in (la, lb))
         lams = torch.cat(lams)
@@ -393,6 +398,7 @@ class Trainer:
             student, teacher = out["con"][b:2 * b], kout["con"][2 * b:]
             self.con_bank.update(kout["con"][:2 * b], key_labels)
             protos, valid = self.con_bank.prototypes()
+        student = self._amp(student)
         return mk.prototype_consistency_loss(
             student, teacher.to(student.dtype), protos.to(student.dtype),
             tau_student=lo["tau_student"], tau_teacher=lo["tau_teacher"],

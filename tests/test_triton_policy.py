@@ -1,14 +1,18 @@
 """Triton launch policy, checkable without a GPU: the feature-dim limit (a clear error before
 any launch), the fp32 dot precision, config pruning by the shared-memory / register
-estimates, the autotune key, and the pinned (no-autotune) config."""
+estimates, the autotune key, the pinned (no-autotune) config, and the launch paths a GPU
+takes (pinned launcher, multi-config autotuner) run once through the interpreter; the
+int32 masks and targets every launch gets."""
 import importlib
 
 import pytest
 import torch
+import triton
 
 import mdp_kernels as mk
 from conftest import require
 from helpers import make_case
+from test_triton_kernels import ALL, case, close, run_all
 
 pytest.importorskip("mdp_kernels.triton")
 from mdp_kernels.triton import _launch  # noqa: E402
@@ -90,6 +94,9 @@ def test_autotune_key_has_sizes_and_flags(name, k):
                                                                               "D")}
     assert flags <= set(k.key), flags - set(k.key)
     assert not tuned & set(k.key)
+    # the D and P strides of every (B, D, P) operand: NCHW and channels-last tune apart
+    layout = {n for n in names if n[0] == "s" and len(n) == 3 and n[2] in "dp"}
+    assert layout and layout <= set(k.key), layout - set(k.key)
 
 
 def test_pinned_config_is_the_first_that_fits():
@@ -103,3 +110,103 @@ def test_pinned_config_is_the_first_that_fits():
 def test_auto_prefers_triton_over_the_experimental_cuda_backend():
     from mdp_kernels import dispatch
     assert dispatch._auto_order(torch.device("cuda"))[0] == "triton"
+
+
+def _record(monkeypatch) -> list[tuple[str, dict]]:
+    """(kernel name, {argument: value}) of every Triton launch from now on."""
+    calls = []
+    getitem = _launch.Kernel.__getitem__
+
+    def spy(self, grid):
+        launch = getitem(self, grid)
+
+        def run(*args, **kw):
+            calls.append((self.fn.__name__, dict(zip(self.fn.arg_names, args), **kw)))
+            return launch(*args, **kw)
+        return run
+    monkeypatch.setattr(_launch.Kernel, "__getitem__", spy)
+    return calls
+
+
+# Triton 3.6 fails to lower fp64 tl.dot fed by int8/bool masks or int64 targets (issue 18):
+# these reach every kernel as int32 (the flag, when there is one, that makes them used).
+INT32_ARGS = {"ta_ptr": None, "tb_ptr": "HAS_TB", "mask_ptr": "HAS_MASK", "qm_ptr": None,
+              "km_ptr": None}
+
+
+def test_masks_and_targets_reach_the_kernels_as_int32(monkeypatch):
+    device = require("triton", ALL)
+    calls = _record(monkeypatch)
+    f, g, p, y, yb, cm = (x.double() if x.is_floating_point() else x for x in case(device))
+    run_all(f, g, p, y, yb, cm, "triton")
+    checked = set()
+    for name, args in calls:
+        for arg, flag in INT32_ARGS.items():
+            if arg in args and (flag is None or args[flag]):
+                assert args[arg].dtype == torch.int32, (name, arg, args[arg].dtype)
+                checked.add((name, arg))
+    assert checked == {(k, a) for k in ("_ce_fwd", "_ce_bwd_feats", "_ce_bwd_protos")
+                       for a in ("ta_ptr", "tb_ptr")} | {
+        (k, "mask_ptr") for k in ("_con_fwd", "_con_bwd_feats", "_con_bwd_protos")} | {
+        (k, a) for k in ("_pix_fwd", "_pix_bwd_q", "_pix_bwd_k") for a in ("qm_ptr", "km_ptr")}
+
+
+def test_pinned_launcher_runs_every_kernel(monkeypatch):
+    """The GPU's no-autotune path (``config.triton_autotune = False``): each kernel launches
+    its first config that fits, block sizes and warps included, and matches the reference."""
+    device = require("triton", ALL)
+    monkeypatch.setattr(_launch, "INTERPRET", False)  # the interpreter takes the real configs
+    chosen = {}
+    prune = _launch.Kernel.prune
+
+    def spy(self, configs, named_args, **kw):
+        keep = prune(self, configs, named_args, **kw)
+        chosen[self.fn.__name__] = (keep[0], self.fitting(kw["BLOCK_D"],
+                                                          named_args[self.fn.arg_names[0]].dtype))
+        return keep
+    monkeypatch.setattr(_launch.Kernel, "prune", spy)
+    f, g, p, y, yb, cm = case(device)
+    with mk.config.override(triton_autotune=False):
+        got = run_all(f, g, p, y, yb, cm, "triton")
+    assert set(chosen) == {k.fn.__name__ for _, k in KERNELS}
+    assert all(first == fits[0] for first, fits in chosen.values())
+    ref = run_all(*(x.double() if x.is_floating_point() else x for x in (f, g, p)), y, yb, cm,
+                  "reference")
+    close(got[:-2], ref[:-2])
+    assert torch.equal(got[-2].cpu(), ref[-2].cpu())
+
+
+def test_multi_config_autotuner_prunes_then_tunes_per_layout(monkeypatch):
+    """A GPU's ``triton.autotune`` over the whole list: the prune hook runs inside it with
+    the launch's arguments, only the survivors are benchmarked (timings faked: the
+    interpreter has none), and a channels-last input is tuned apart from NCHW."""
+    from triton.runtime import autotuner
+    device = require("triton", ("ce_fwd",))
+    k = dict(KERNELS)["ce_fwd._kernel"]
+    bd, dt = 32, torch.float32
+    costs = sorted({k.cost(c, bd, 4, 4, True)[0] for c in k.configs})
+    assert len(costs) >= 3
+    monkeypatch.setattr(_launch, "smem_limit", lambda: costs[1])  # some fit, not all
+    want = k.fitting(bd, dt)
+    assert 1 < len(want) < len(k.configs)
+    monkeypatch.setattr(k, "tuned", triton.autotune(
+        k.configs, key=k.key, prune_configs_by={"early_config_prune": k.prune})(k.fn))
+    monkeypatch.setattr(_launch, "INTERPRET", False)
+    benched = []
+
+    def bench(self, *args, config, **kw):
+        benched.append(config)
+        return [float(len(benched))]  # the first one tried wins
+    monkeypatch.setattr(autotuner.Autotuner, "_bench", bench)
+    f, p, y = make_case(2, bd, 7, (4, 5), dtype=dt, device=device)
+    ref = mk.prototype_contrast_loss(f.double(), p.double(), y, backend="reference")
+    with mk.config.override(triton_autotune=True):
+        got = mk.prototype_contrast_loss(f, p, y, backend="triton")
+        assert benched == want
+        assert k.tuned.best_config == want[0]
+        mk.prototype_contrast_loss(f, p, y, backend="triton")
+        assert len(benched) == len(want)  # cached for this key
+        cl = f.contiguous(memory_format=torch.channels_last)
+        got_cl = mk.prototype_contrast_loss(cl, p, y, backend="triton")
+        assert benched == want + want
+    close([got, got_cl], [ref, ref])

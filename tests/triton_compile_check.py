@@ -1,7 +1,7 @@
 """Compile what the GPU will run, for sm_90, without a GPU: every Triton kernel, every config
 that survives pruning (``Kernel.fitting``) at D = 256 and at the largest D the dtype takes,
 for bf16 / fp16 / fp32 / fp64, with every constexpr flag on; then the first config with each
-flag off. Reports shared memory (and the pruning estimate), registers and the stack frame, where
+flag off; and the normalize kernels (fixed blocks, any D) once per dtype. Reports shared memory (and the pruning estimate), registers and the stack frame, where
 ptxas puts register spills (``cuobjdump --dump-resource-usage`` on the cubin); exits 1 on a
 config that cannot run (a compile error, or more shared memory than an sm_90 block can get).
 
@@ -35,10 +35,11 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from mdp_kernels.triton import _launch  # noqa: E402
+from mdp_kernels.triton import _launch, normalize  # noqa: E402
 
 MODULES = ("ce_fwd", "ce_bwd", "con_fwd", "con_bwd", "pix_fwd", "pix_bwd", "class_sums",
            "pseudo_label")
+NORMALIZE = ("_normalize_fwd", "_normalize_bwd")  # mdp_kernels.triton.normalize, no Kernel
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}
 INT64 = {"lab_ptr"}
@@ -47,7 +48,7 @@ ACC = {"lse_ptr", "za_ptr", "zb_ptr", "ce_ptr", "ent_ptr", "lss_ptr", "lst_ptr",
        "ga_ptr", "gb_ptr", "g_ptr", "part_ptr", "sums_ptr", "dp_ptr", "bias_ptr", "sw_ptr",
        "zq_ptr", "gq_ptr"}
 FLOATS = {"scale", "scale_s", "scale_t", "threshold"}
-FLAGS = ("HAS_TB", "HAS_BIAS", "HAS_MASK", "NEED_F", "ATOMIC")
+FLAGS = ("HAS_TB", "HAS_BIAS", "HAS_SW", "HAS_MASK", "NEED_F", "ATOMIC")
 
 
 def kernels():
@@ -70,12 +71,12 @@ def signature(mod, fn, dt):
             sig[name] = "*i32"
         elif name == "bias_ptr" or name == "score_ptr":
             sig[name] = "*fp32"
-        elif name in ACC:
+        elif name in ACC and mod != "normalize" or name == "n_ptr":  # norms: acc dtype
             sig[name] = f"*{acc}"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dt}"
         else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
+            sig[name] = "fp32" if name in FLOATS or name == "eps" else "i32"
     return sig
 
 
@@ -92,22 +93,27 @@ def resources(cubin: bytes) -> dict:
 
 def compile_one(job):
     mod, name, dt, d, meta, warps, stages, flags = job
-    k = next(k for m, n, k in kernels() if (m, n) == (mod, name))
-    fn = k.fn
     dtype = DTYPES[dt]
+    if mod == "normalize":
+        k, fn = None, getattr(normalize, name)
+        consts = dict(meta, INTERPRETED=False)
+    else:
+        k = next(k for m, n, k in kernels() if (m, n) == (mod, name))
+        fn = k.fn
+        consts = dict(meta, BLOCK_D=_launch.block_d(d, dtype))
     sig = signature(mod, fn, dt)
-    consts = {n: True for n, t in sig.items() if t == "constexpr"}
-    consts.update(meta, BLOCK_D=_launch.block_d(d, dtype), **flags)
+    consts = {**{n: True for n, t in sig.items() if t == "constexpr"}, **consts, **flags}
     if "PREC" in consts:
         consts["PREC"] = _launch.precision(dtype)
     if "ACC" in consts:
-        consts["ACC"] = tl.float64 if dt == "fp64" else tl.float32
+        consts["ACC"] = _launch.tl_acc(dtype)
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
     cfg = triton.Config(meta, num_warps=warps, num_stages=stages)
     es = dtype.itemsize
-    est = k.cost(cfg, consts["BLOCK_D"], es, _launch.acc_dtype(dtype).itemsize,
-                 _launch.precision(dtype) == "tf32x3")[0]
+    est = None if k is None else k.cost(cfg, consts["BLOCK_D"], es,
+                                        _launch.acc_dtype(dtype).itemsize,
+                                        _launch.precision(dtype) == "tf32x3")[0]
     row = dict(kernel=fn.__name__, dtype=dt, D=d, meta=meta, num_warps=warps,
                num_stages=stages, flags=flags, smem_estimate=est)
     t0 = time.time()
@@ -139,6 +145,10 @@ def jobs(dtypes):
                                  {**on, f: False}) for f in flag_names]
                 if not fits:
                     out.append((mod, name, dt, d, None, 0, 0, on))
+    blocks = dict(BLOCK_P=normalize.BLOCK_P, BLOCK_D=normalize.BLOCK_D)
+    # Triton's default warps and stages, as normalize launches them
+    out += [("normalize", name, dt, 256, blocks, 4, 3, {}) for name in NORMALIZE
+            for dt in dtypes]
     return out
 
 
@@ -176,7 +186,7 @@ def main(argv=None):
             json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
     failed = [r for r in rows if not r["ok"]]
     spills = [r for r in rows if r.get("stack") or r.get("local")]
-    under = [r for r in rows if r.get("shared", 0) > r.get("smem_estimate", 1 << 30)]
+    under = [r for r in rows if r.get("shared", 0) > (r.get("smem_estimate") or 1 << 30)]
     print(f"{len(rows) - len(failed)}/{len(rows)} compiled; {len(spills)} with a stack frame "
           f"(spills, max {max((r.get('stack') or 0) for r in rows)} B); max shared "
           f"{max((r.get('shared') or 0) for r in rows)} B; {len(under)} above their estimate")

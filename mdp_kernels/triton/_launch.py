@@ -7,9 +7,10 @@ survive pruning: a config is dropped before it is compiled when its shared-memor
 (``Kernel.cost``: operand tiles loaded once, plus the buffers of those loaded in the loop)
 exceeds what a block can get, or its accumulators need more than 128 fp32 registers per
 thread (they would spill). The
-autotune key is the kernel's size arguments (C, D, and P or PK: pixels per image) plus every
-constexpr that is not a tuned block size (dtype-dependent flags, HAS_*, NEED_F, ATOMIC,
-PREC), and the tensors' dtypes. ``mdp_kernels.config.triton_autotune = False`` pins every
+autotune key is the kernel's size arguments (C, D, and P or PK: pixels per image), the D and
+P strides of each (B, D, P) operand (``s?d``, ``s?p``: NCHW and channels-last coalesce
+different loads), every constexpr that is not a tuned block size (dtype-dependent flags,
+HAS_*, NEED_F, ATOMIC, PREC), and the tensors' dtypes. ``mdp_kernels.config.triton_autotune = False`` pins every
 kernel to its first surviving config: one compile per variant, no benchmarking. Under
 ``TRITON_INTERPRET=1`` the list is a single large-block config (the interpreter pays per
 operation, not per element). ``config.triton_meta`` pins block sizes for tests.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from typing import Callable
 
 import torch
@@ -49,6 +51,7 @@ ROW_BYTES = 1024  # one feature row (BLOCK_D elements) at most
 SMEM_SM90 = 232448  # 227 KB: the opt-in shared memory per block of sm_90
 MAX_REGS = 128  # fp32 accumulator registers per thread a config may need
 SCRATCH = 2048  # shared memory of reductions and layout conversions besides the tiles
+LAYOUT = re.compile(r"s[a-z][dp]")  # the D and P strides of a (B, D, P) operand
 
 def grid_configs(names: tuple[str, str], rows) -> list[tuple[dict, int, int]]:
     """Configs from ((block a, block b), num_warps, num_stages) rows."""
@@ -96,7 +99,8 @@ def block_d(d: int, dtype: torch.dtype) -> int:
     if d > max_dim(dtype):
         raise ValueError(f"the triton backend takes feature dims up to {max_dim(dtype)} for "
                          f"{dtype} (one row of D elements in 1 KB of shared memory), got "
-                         f"D = {d}; use backend='cuda', 'cpu' or 'reference'")
+                         f"D = {d}; use backend='reference' (any device), 'cuda' for CUDA tensors or "
+                         f"'cpu' for CPU ones")
     return max(16, triton.next_power_of_2(d))
 
 
@@ -113,7 +117,8 @@ class Kernel:
     ``configs``: (meta, num_warps, num_stages) tuples, the safest first. ``tiles(meta, bd)``
     gives, in elements, (operand tiles loaded once, operand tiles loaded per loop step,
     register accumulators); ``interp`` is the single interpreter config; ``key`` the size
-    arguments of the autotune key; ``grid`` a function of the meta-parameter dict.
+    arguments of the autotune key (the layout strides and flags are added); ``grid`` a
+    function of the meta-parameter dict.
     """
 
     def __init__(self, fn, configs: list[tuple[dict, int, int]], tiles: Callable,
@@ -124,8 +129,8 @@ class Kernel:
         self.configs = [triton.Config(m, num_warps=w, num_stages=s) for m, w, s in configs]
         tuned = set(interp)
         params = inspect.signature(fn.fn).parameters
-        self.key = list(key) + [n for n in fn.arg_names
-                                if params[n].annotation is tl.constexpr and n not in tuned]
+        self.key = list(key) + [n for n in fn.arg_names if LAYOUT.fullmatch(n)] + [
+            n for n in fn.arg_names if params[n].annotation is tl.constexpr and n not in tuned]
         cfgs = [triton.Config(interp)] if INTERPRET else self.configs
         self.tuned = triton.autotune(cfgs, key=self.key, reset_to_zero=reset_to_zero,
                                      prune_configs_by={"early_config_prune": self.prune})(fn)
@@ -134,8 +139,10 @@ class Kernel:
              split: bool = False) -> tuple[int, int]:
         """(shared-memory bytes, accumulator registers per thread) estimated for ``cfg``.
         Loop tiles are double-buffered even at num_stages = 1; ``split``: tf32x3 operands,
-        stored as a high and a low part. Calibrated against Triton 3.6 for sm_90 (an upper
-        bound for every config of tests/triton_compile_check.py)."""
+        stored as a high and a low part. Calibrated against Triton 3.6 for sm_90: an upper
+        bound for every config of tests/triton_compile_check.py under the default fp32
+        policy; under TF32 one flag variant exceeds it, still within the limit (README,
+        GPU check)."""
         once, loop, acc = self.tiles(cfg.kwargs, bd)
         return (SCRATCH + (1 + split) * esize * (once + max(2, cfg.num_stages) * loop),
                 acc * acc_size // 4 // (32 * cfg.num_warps))
