@@ -141,8 +141,9 @@ def ce_fn(case):
 
 def con_fn(case):
     f, _, y, _, cm, _ = build(case)
-    teacher = unit(f + 0.3 * torch.randn_like(f))
-    mask = None if case["mix"] is None else torch.rand(y.shape) < 0.6
+    g = torch.Generator().manual_seed(case["seed"] + 1)  # the same teacher on every call
+    teacher = unit(f + 0.3 * torch.randn(f.shape, generator=g, dtype=f.dtype))
+    mask = None if case["mix"] is None else torch.rand(y.shape, generator=g) < 0.6
     kind = "kl" if case["mix"] == "scalar" else "ce"
 
     def fn(s, p, be):
@@ -182,7 +183,7 @@ OPS = {"ce": (ce_fn, ("ce_fwd", "ce_bwd")), "con": (con_fn, ("con_fwd", "con_bwd
 
 
 @pytest.mark.parametrize("op", OPS)
-@fuzz(120)
+@fuzz(100)
 @given(case=cases(max_c=1100, max_hw=9, max_d=64))
 def test_cpu_matches_reference(op, case):
     require("cpu", OPS[op][1])
