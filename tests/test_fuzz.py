@@ -201,10 +201,7 @@ def test_triton_matches_reference(op, case):
     check(OPS[op][0], case, "triton")
 
 
-@fuzz(80)
-@given(case=cases(max_c=1100, max_hw=9, max_d=64), threshold=st.sampled_from([-1.0, 0.0, 0.3]))
-def test_pseudo_label_matches_reference(case, threshold):
-    require("cpu", ("pseudo_label",))
+def check_pseudo_label(case, threshold, backend):
     f, p, _, _, cm, _ = build(case)
     if cm is not None:  # every image may choose some class
         cm[..., 0] |= ~cm.any(-1)
@@ -212,7 +209,7 @@ def test_pseudo_label_matches_reference(case, threshold):
     pt = p.to(case["dtype"])
     with mk.config.override(cpu_tile_rows=case["tile"]):
         labels, scores = mk.pseudo_label(x, pt, threshold=threshold, class_mask=cm,
-                                         backend="cpu")
+                                         backend=backend)
     ref_l, ref_s = mk.pseudo_label(x, pt, threshold=threshold, class_mask=cm,
                                    backend="reference")
     tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(case["dtype"], 1e-5)
@@ -221,3 +218,20 @@ def test_pseudo_label_matches_reference(case, threshold):
     agree = (labels == ref_l) | ~clear
     if case["dtype"] not in LOW:  # low-precision near-ties may pick another argmax
         assert bool(agree.all()), case
+
+
+THRESHOLDS = st.sampled_from([-1.0, 0.0, 0.3])
+
+
+@fuzz(80)
+@given(case=cases(max_c=1100, max_hw=9, max_d=64), threshold=THRESHOLDS)
+def test_pseudo_label_matches_reference(case, threshold):
+    require("cpu", ("pseudo_label",))
+    check_pseudo_label(case, threshold, "cpu")
+
+
+@fuzz(12)
+@given(case=cases(max_c=40, max_hw=5, max_d=16), threshold=THRESHOLDS)
+def test_triton_pseudo_label_matches_reference(case, threshold):
+    require("triton", ("pseudo_label",))
+    check_pseudo_label(case, threshold, "triton")
