@@ -1,6 +1,6 @@
 """Opt-in: the cpu backend beyond 32-bit element offsets (N * D > 2^31, bf16).
 
-Not run by ``make test`` (about 11 GB of memory and a few minutes on 2 cores). Run with::
+Not run by ``make test`` (about 16 GB of memory at peak and 5-8 minutes on 2 cores). Run with::
 
     MDP_LARGE_TEST=1 .venv/bin/python -m pytest -q -s tests/test_large.py
 
@@ -18,7 +18,7 @@ import mdp_kernels as mk
 from conftest import require
 
 pytestmark = pytest.mark.skipif(os.environ.get("MDP_LARGE_TEST") != "1",
-                                reason="opt-in: set MDP_LARGE_TEST=1 (about 11 GB, minutes)")
+                                reason="opt-in: set MDP_LARGE_TEST=1 (about 16 GB, minutes)")
 
 D, C, TAU = 256, 19, 0.1
 TAIL = 4099  # rows past the 2^31-th element: not a multiple of any block
