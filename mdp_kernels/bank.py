@@ -77,8 +77,8 @@ class PrototypeBank(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64, device=device))
 
     @torch.no_grad()
-    def slot(self, key_feats: Tensor, labels: Tensor, *, check_finite: bool = True
-             ) -> tuple[Tensor, Tensor]:
+    def slot(self, key_feats: Tensor, labels: Tensor, *, check_finite: bool = True,
+             name: str = "key_feats") -> tuple[Tensor, Tensor]:
         """The slot ``(S (C, D), n (C,))`` that ``key_feats`` would store, without touching
         the state (all-reduced under ``torch.distributed``).
 
@@ -87,21 +87,22 @@ class PrototypeBank(nn.Module):
             labels: ``(B, *spatial)`` or ``(N,)`` class labels; ``ignore_index`` is pooled
                 nowhere.
             check_finite: refuse NaN/inf key features with ``ValueError``.
+            name: what error messages call ``key_feats`` (the caller's argument).
         """
         if not isinstance(key_feats, Tensor) or key_feats.dim() < 2 or (
                 key_feats.shape[1] != self.dim):
-            raise ValueError(f"key_feats must be (B, {self.dim}, *spatial) or (N, {self.dim}), "
+            raise ValueError(f"{name} must be (B, {self.dim}, *spatial) or (N, {self.dim}), "
                              f"got {getattr(key_feats, 'shape', key_feats)!r}")
         if key_feats.device != self.slot_sums.device:
-            raise ValueError(f"key_feats is on {key_feats.device} but the bank is on "
+            raise ValueError(f"{name} is on {key_feats.device} but the bank is on "
                              f"{self.slot_sums.device}; move the bank with .to()")
         sums, counts = class_embedding_sums(key_feats.detach(), labels, self.num_classes,
                                             ignore_index=self.ignore_index, backend=self.backend)
-        name = dispatch.resolve_phase("bank_slot", self.backend, sums.device)
-        s, n = (reference.bank_slot(sums, counts) if name == "reference"
-                else ops.bank_slot(sums, counts, name))
+        be = dispatch.resolve_phase("bank_slot", self.backend, sums.device)
+        s, n = (reference.bank_slot(sums, counts) if be == "reference"
+                else ops.bank_slot(sums, counts, be))
         if check_finite:  # the token makes the stored slot depend on the check
-            s = s + checks.check_finite(key_feats.detach(), "key_feats")
+            s = s + checks.check_finite(key_feats.detach(), name)
         s, n = s.to(self.slot_sums.dtype), n.to(self.slot_sums.dtype)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(s)

@@ -9,6 +9,7 @@ float32 or better and losses come back as float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,7 +28,9 @@ _COMMON = r"""ignore_index: the label of pixels that have no target (default -10
     (a double backward raises, naming the op) and raise a clear error under forward-mode
     AD and ``torch.func`` gradient transforms (``backend="reference"`` supports all of
     them). ``torch.compile`` / ``torch.export``: every check above also runs inside
-    compiled graphs and exported programs. Meta and fake tensors give shapes only."""
+    compiled graphs and exported programs, but forward-mode AD tangents are not supported
+    there (a compiled graph of the fused backends drops the tangent, None, instead of
+    raising: use forward AD in eager mode). Meta and fake tensors give shapes only."""
 
 _TAU = r"""a positive number or a 0-d floating tensor; a tensor that requires grad
             is a learnable temperature (exact gradient on every backend), and a tensor
@@ -89,6 +92,15 @@ def _autocast(*ts: Tensor) -> tuple:
         return ts
     dt = torch.get_autocast_dtype(dev)
     return tuple(t if t.dtype == torch.float64 else t.to(dt) for t in ts)
+
+
+def _exact(device: torch.device):
+    """A block where autocast is off for ``device``: the ops' own accumulation-dtype glue
+    (done after the inputs were cast) must stay in that dtype."""
+    dev = device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _tau_arg(tau) -> Tensor:
@@ -604,7 +616,8 @@ def pixel_contrast_loss(feats_q: Tensor, labels_q: Tensor, feats_k: Tensor, labe
     lse = ops.pix_fwd(as_bdp(q), as_bdp(k), qvalid, tk >= 0, _tau_arg(tau), backend=name,
                       check_finite=check_finite)
     pos_mean = means.gather(1, tq.clamp(min=0).unsqueeze(-1).expand(-1, -1, means.shape[-1]))
-    pos = torch.einsum("bdp,bpd->bp", as_bdp(feats_q).to(means.dtype), pos_mean) / tau
+    with _exact(feats_q.device):
+        pos = torch.einsum("bdp,bpd->bp", as_bdp(feats_q).to(means.dtype), pos_mean) / tau
     loss = torch.where(qvalid, lse - pos, 0.0)
     return _plus(reduce(loss, qvalid.sum(), reduction, labels_q.shape), tokens)
 

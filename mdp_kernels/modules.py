@@ -5,9 +5,18 @@ import math
 
 from torch import Tensor, nn
 
-from . import dispatch, validation as V
+from . import checks, dispatch, validation as V
 from .bank import PrototypeBank
 from .functional import prototype_consistency_loss, prototype_contrast_loss
+
+
+def _temperature(value, name: str):
+    """``V.temperature``, with a tensor's value also checked now: construction is eager, so
+    a bad tensor temperature fails here rather than at the first forward."""
+    value = V.temperature(value, name)
+    if isinstance(value, Tensor):
+        checks.check_positive(value, name)
+    return value
 
 
 class PrototypeContrastLoss(nn.Module):
@@ -62,9 +71,9 @@ class PrototypeContrastLoss(nn.Module):
         super().__init__()
         V.check_positive_int(bank_images, "bank_images")
         V.check_positive_int(batch_size, "batch_size")
-        self.tau = V.temperature(tau, "tau")
-        self.tau_student = V.temperature(tau_student, "tau_student")
-        self.tau_teacher = V.temperature(tau_teacher, "tau_teacher")
+        self.tau = _temperature(tau, "tau")
+        self.tau_student = _temperature(tau_student, "tau_student")
+        self.tau_teacher = _temperature(tau_teacher, "tau_teacher")
         if not V._real(alpha) or not 0 <= alpha < math.inf:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         dispatch.check_runnable(backend)
@@ -99,7 +108,8 @@ class PrototypeContrastLoss(nn.Module):
                            feats.shape[0] if feats.dim() > 2 else 1)
         slot = self.bank.slot(feats.detach() if key_feats is None else key_feats,
                               labels if key_labels is None else key_labels,
-                              check_finite=self.check_finite)
+                              check_finite=self.check_finite,
+                              name="feats" if key_feats is None else "key_feats")
         protos, valid = self.bank.prototypes(pending=slot)
         allowed = valid if class_mask is None else class_mask & valid
         l_class = prototype_contrast_loss(

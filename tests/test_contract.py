@@ -10,8 +10,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import mdp_kernels as mk
-from conftest import expected_backends, require
-from helpers import IGNORE, make_case, rel_err, unit
+from conftest import device_for, expected_backends, require
+from helpers import IGNORE, check_low_precision, make_case, rel_err, unit
 from mdp_kernels import dispatch
 
 LOSS_OPS = dispatch.LOSS_OPS
@@ -94,8 +94,8 @@ def test_failed_module_call_leaves_state_bit_identical(backend):
     bad_y = y.clone()
     bad_y[0, 0, 0] = 9
     bad_calls = [
-        (dict(feats=nan, labels=y), "feats contains NaN"),
-        (dict(feats=f, labels=y, key_feats=nan), "key_feats contains NaN"),
+        (dict(feats=nan, labels=y), "^feats contains NaN"),  # key view defaults to feats
+        (dict(feats=f, labels=y, key_feats=nan), "^key_feats contains NaN"),
         (dict(feats=f, labels=bad_y, key_feats=f, key_labels=y), "label value 9"),
         (dict(feats=f, labels=y, labels_b=y, lam=torch.tensor([0.5, 1.5], device=d)),
          r"lam must lie in \[0, 1\]"),
@@ -119,7 +119,7 @@ def test_failed_compiled_module_call_leaves_state_bit_identical():
     before = _state(crit)
     nan = f.clone()
     nan[1, 2, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="feats contains NaN"):
+    with pytest.raises(ValueError, match="^feats contains NaN"):
         step(crit, nan, y)
     assert _same(_state(crit), before)
 
@@ -191,7 +191,7 @@ def test_reference_and_fused_checks_under_compile_other_ops(backend):
 
 # ---------------------------------------------------------------- 4. autograd transforms
 def _ops(backend, f, p, y):
-    """Every differentiable op of ``f`` (prototypes fixed), by name."""
+    """Every differentiable op of ``f`` (prototypes and the key view ``g`` fixed), by name."""
     g = unit(f.detach() + 0.3)
     return {
         "ce": lambda f: mk.prototype_contrast_loss(f, p, y, tau=0.3, backend=backend),
@@ -239,25 +239,36 @@ def test_vmap_matches_a_loop(backend):
     f, p, y = make_case(1, 4, 3, (2, 3), dtype=torch.float64, device=d)
     fs = unit(torch.randn(3, *f.shape, dtype=torch.float64, device=d), dim=2)
     for name, fn in _ops(backend, f, p, y).items():
-        if name == "pix":  # its key view is built from f itself; vmap over the query only
-            continue
         torch.testing.assert_close(torch.func.vmap(fn)(fs), torch.stack([fn(x) for x in fs]),
                                    msg=name)
 
 
 @pytest.mark.parametrize("backend", ALL)
 def test_double_backward(backend):
-    """A gradient penalty: exact on the reference (against F.cross_entropy at tau = 1), a
-    clear error naming the op on the fused backends."""
+    """A gradient penalty, for every op and the fused normalisation: exact on the reference
+    (gradgradcheck; CE also against F.cross_entropy at tau = 1), a clear error naming the
+    op on the fused backends."""
     d = dev(backend)
-    f, p, y = make_case(2, 6, 5, (2, 3), dtype=torch.float64, device=d)
-    f.requires_grad_()
-    loss = mk.prototype_contrast_loss(f, p, y, tau=1.0, backend=backend)
-    g, = torch.autograd.grad(loss, f, create_graph=True)
+    f, p, y = make_case(1, 4, 3, (2, 3), dtype=torch.float64, device=d)
+    fns = _ops(backend, f, p, y)
+    fns["normalize"] = lambda f: mk.prototype_contrast_loss(2 * f, p, y, normalize=True,
+                                                            backend=backend)
+    kernel = {"ce": "ce_fwd", "con": "con_fwd", "pix": "pix_fwd", "sums": "class_sums",
+              "normalize": "normalize_fwd"}
+    for name, fn in fns.items():
+        ff = f.clone().requires_grad_()
+        g, = torch.autograd.grad(fn(ff), ff, create_graph=True)
+        if backend != "reference":
+            with pytest.raises(RuntimeError, match=rf"mdp::{kernel[name]} is differentiable once"):
+                torch.autograd.grad(g.square().sum(), ff)
+        else:
+            assert torch.autograd.gradgradcheck(fn, (ff,)), name
     if backend != "reference":
-        with pytest.raises(RuntimeError, match=r"mdp::ce_fwd is differentiable once"):
-            torch.autograd.grad(g.square().sum(), f)
         return
+    f, p, y = make_case(2, 6, 5, (2, 3), dtype=torch.float64)
+    f.requires_grad_()
+    g, = torch.autograd.grad(mk.prototype_contrast_loss(f, p, y, tau=1.0, backend=backend), f,
+                             create_graph=True)
     h, = torch.autograd.grad(g.square().sum(), f)
     logits = torch.einsum("bdhw,cd->bchw", f, p)
     g2, = torch.autograd.grad(F.cross_entropy(logits, y, ignore_index=IGNORE), f,
@@ -349,18 +360,25 @@ def test_learnable_temperature_gradcheck():
                                                                   backend="cpu"), (tau,))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_new_tau_is_not_a_recompile(backend):
-    f, p, y = make_case(2, 8, 5, (3, 3))
-    fn = compiled(lambda f, tau: mk.prototype_contrast_loss(f, p, y, tau=tau, backend=backend))
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("op", ["ce", "con", "pix"])
+def test_new_tau_is_not_a_recompile(backend, op):
+    d = dev(backend)
+    f, p, y = make_case(2, 8, 5, (3, 3), device=d)
+    g = unit(f + 0.3)
+    call = {"ce": lambda f, tau: mk.prototype_contrast_loss(f, p, y, tau=tau, backend=backend),
+            "con": lambda f, tau: mk.prototype_consistency_loss(f, g, p, tau_student=tau,
+                                                                backend=backend),
+            "pix": lambda f, tau: mk.pixel_contrast_loss(f, y, g, y, tau=tau, num_classes=5,
+                                                         backend=backend)}[op]
+    fn = compiled(call)
     for tau in (0.1, 0.15):  # dynamo compiles a second, dynamic graph for a new float
         fn(f, tau)           # (automatic dynamic, as for ints); none after that
     fn(f, torch.tensor(0.1))
     with torch._dynamo.config.patch(error_on_recompile=True):
         for tau in (0.05, 0.2, 0.3, 0.7):
-            torch.testing.assert_close(fn(f, tau), mk.prototype_contrast_loss(
-                f, p, y, tau=tau, backend=backend))
-            fn(f, torch.tensor(tau))
+            torch.testing.assert_close(fn(f, tau), call(f, tau))
+            torch.testing.assert_close(fn(f, torch.tensor(tau)), call(f, tau))
 
 
 # ---------------------------------------------------------------- 7. autocast
@@ -371,19 +389,39 @@ def test_autocast_casts_like_linear(backend):
     proto = torch.nn.Parameter(p.float())
     with pytest.raises(TypeError, match="prototypes is torch.float32"):
         mk.prototype_contrast_loss(f, proto, y, backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = mk.prototype_contrast_loss(f.float(), proto, y, backend=backend)
-        con = mk.prototype_consistency_loss(f, f.float(), proto, backend=backend)
-        lab, _ = mk.pseudo_label(f, proto, threshold=0.0, backend=backend)
-    loss.backward()
+    with pytest.raises(TypeError, match="float32"):
+        mk.pixel_contrast_loss(f, y, f.float(), y, num_classes=7, backend=backend)
+
+    def calls(be):  # every op with mixed bf16 / fp32 inputs, under autocast on d
+        with torch.autocast(d.type, dtype=torch.bfloat16):
+            return dict(
+                ce=mk.prototype_contrast_loss(f, proto, y, backend=be),
+                ce32=mk.prototype_contrast_loss(f.float(), proto, y, backend=be),
+                con=mk.prototype_consistency_loss(f, f.float(), proto, backend=be),
+                pix=mk.pixel_contrast_loss(f, y, f.float(), y, num_classes=7, backend=be),
+                lab=mk.pseudo_label(f, proto, threshold=0.0, backend=be)[0])
+
+    got = calls(backend)
+    got["ce"].backward()  # bf16 features, fp32 Parameter: its gradient is fp32
     assert proto.grad is not None and proto.grad.dtype == torch.float32
-    torch.testing.assert_close(loss, mk.prototype_contrast_loss(f, p, y, backend=backend))
-    torch.testing.assert_close(con, mk.prototype_consistency_loss(f, f, p, backend=backend))
-    assert torch.equal(lab, mk.pseudo_label(f, p, threshold=0.0, backend=backend)[0])
-    if backend != "reference":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref = mk.prototype_contrast_loss(f.float(), proto, y, backend="reference")
-        assert rel_err(loss.detach(), ref.detach()) < 1e-3
+    # as the same ops on bf16 inputs (the cast of proto is exactly p)
+    plain = dict(ce=mk.prototype_contrast_loss(f, p, y, backend=backend),
+                 con=mk.prototype_consistency_loss(f, f, p, backend=backend),
+                 pix=mk.pixel_contrast_loss(f, y, f, y, num_classes=7, backend=backend))
+    plain["ce32"] = plain["ce"]
+    for k, v in plain.items():
+        torch.testing.assert_close(got[k].detach(), v, msg=k)
+    assert torch.equal(got["lab"], mk.pseudo_label(f, p, threshold=0.0, backend=backend)[0])
+    if backend != "reference":  # fused and reference under autocast, against float64
+        ref = calls("reference")
+        f64, p64 = f.double(), p.double()
+        truth = dict(ce=mk.prototype_contrast_loss(f64, p64, y, backend="reference"),
+                     con=mk.prototype_consistency_loss(f64, f64, p64, backend="reference"),
+                     pix=mk.pixel_contrast_loss(f64, y, f64, y, num_classes=7,
+                                                backend="reference"))
+        truth["ce32"] = truth["ce"]
+        for k, t in truth.items():
+            check_low_precision(got[k].detach(), ref[k].detach(), t, torch.bfloat16, k)
 
 
 # ---------------------------------------------------------------- 8. promised shapes, backends
@@ -461,6 +499,13 @@ def test_threshold_must_be_finite_real(backend):
 def test_constructors_validate_at_construction():
     for kw, err, msg in [(dict(tau=0.0), ValueError, "tau"), (dict(tau="a"), TypeError, "tau"),
                          (dict(tau_teacher=-1.0), ValueError, "tau_teacher"),
+                         (dict(tau=torch.tensor(-1.0)), ValueError, r"tau must lie in \(0"),
+                         (dict(tau_student=torch.tensor(0.0)), ValueError, "tau_student"),
+                         (dict(tau_teacher=torch.tensor(float("nan"))), ValueError,
+                          "tau_teacher must lie"),
+                         (dict(tau=torch.nn.Parameter(torch.tensor(float("inf")))), ValueError,
+                          r"tau must lie in \(0, inf\), got inf"),
+                         (dict(tau=torch.ones(1)), TypeError, "tau"),
                          (dict(ignore_index=2.0), TypeError, "ignore_index"),
                          (dict(alpha=float("nan")), ValueError, "alpha"),
                          (dict(bank_images=True), ValueError, "bank_images")]:
@@ -473,17 +518,45 @@ def test_constructors_validate_at_construction():
             mk.PrototypeBank(5, 4, 2, **kw)
     with pytest.raises(ValueError, match="num_slots"):
         mk.PrototypeBank(5, 4, True)
+    crit = mk.PrototypeContrastLoss(5, 4, tau=torch.nn.Parameter(torch.tensor(0.1)))
+    assert [n for n, _ in crit.named_parameters()] == ["tau"]  # a valid one is kept
 
 
 # ---------------------------------------------------------------- 10. complete backends
+def _why_incomplete(name):
+    """Why backend ``name`` cannot run every loss on its test device, or None."""
+    d = device_for(name)
+    try:
+        dispatch.resolve(LOSS_OPS, name, d)
+    except RuntimeError as exc:
+        return f"{exc} (on {d})"
+    if name not in mk.available_backends(d):
+        return f"available_backends({d!s}) does not list it"
+    return None
+
+
 def test_expected_backends_are_complete():
     """A broken build fails here rather than turning every kernel test into a skip."""
-    listed = mk.available_backends("cpu")
-    for name in expected_backends() - {"cuda"}:
-        assert name in listed, f"{name}: {dispatch.unavailable_reason(name)}"
-        missing = [op for op in LOSS_OPS if not dispatch.has_kernel(op, name)]
-        assert not missing, f"{name} lacks {missing}"
-    assert listed[0] == "reference"
+    for name in expected_backends() - {"cuda"}:  # cuda has a subset of phases by design
+        assert _why_incomplete(name) is None, f"{name}: {_why_incomplete(name)}"
+    assert mk.available_backends()[0] == "reference"
+
+
+def test_backend_missing_a_phase_drops_out(monkeypatch):
+    """A backend that loaded but lacks one loss phase is not listed, fails the kernel tests
+    (``require``) and the completeness check, and ``auto`` does not pick it for that op."""
+    require("cpu", LOSS_OPS)
+    monkeypatch.setenv("MDP_EXPECT_BACKENDS", "cpu")
+    partial = {op: fn for op, fn in dispatch._kernels["cpu"].items() if op != "pix_bwd"}
+    monkeypatch.setitem(dispatch._kernels, "cpu", partial)
+    assert "cpu" not in mk.available_backends("cpu")
+    assert "pix_bwd" in _why_incomplete("cpu")
+    with pytest.raises(pytest.fail.Exception, match="expected backend 'cpu' cannot run"):
+        require("cpu", LOSS_OPS)
+    with pytest.raises(RuntimeError, match="no kernel for pix_bwd"):
+        mk.PrototypeContrastLoss(3, 4, backend="cpu")
+    assert dispatch.resolve(("pix_fwd", "pix_bwd"), "auto", torch.device("cpu")) == "reference"
+    assert dispatch.resolve(("ce_fwd", "ce_bwd"), "auto", torch.device("cpu")) == "cpu"
 
 
 def test_broken_build_fails_instead_of_skipping(tmp_path):
