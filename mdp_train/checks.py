@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .config import override
-from .experiment import BUDGETS, DEFAULT_DATA, REPO, pretrain_config
+from .experiment import ARMS, BUDGETS, DEFAULT_DATA, REPO, pretrain_config
 from .trainer import Trainer
 
 CON_ARMS = {"proj": ["loss.con_space=proj"], "bank": ["loss.con_space=bank"],
@@ -38,7 +38,8 @@ SEMI_ARMS = {
 
 def _config(data: Path, steps: int, out: Path, extra: list[str], semi: bool) -> dict:
     budget = dict(BUDGETS["full"], pretrain=dict(BUDGETS["full"]["pretrain"], steps=steps))
-    cfg = pretrain_config(data, "mdp", budget, 0, out)
+    _, arm, sets = ARMS["mdp"]
+    cfg = pretrain_config(data, sets, arm, budget, 0, out)
     for item in extra:
         cfg = override(cfg, item)
     cfg["train"].update(resume="auto", progress=False, save_every=10 ** 9)

@@ -12,7 +12,10 @@ DEFAULTS: dict = {
         # [{type: voc|ade20k|cityscapes|coco_stuff|folder, root, ..., remap, frames}]
         # frames (optional): first_half | second_half | [start, stop] of the sorted images
         "datasets": [],
-        "unlabelled": [],      # [{type: images, root, frames}]: pseudo-labelled (semi-supervised)
+        # [{type: images, root, frames}]: pseudo-labelled (semi-supervised); a labelled
+        # reader with hidden: <labelled dataset name> (same classes) is read without its
+        # labels, which only score the pseudo-labels (coverage, accuracy)
+        "unlabelled": [],
         "crop_size": 224,
         "crop_scale": [0.2, 1.0],
         "workers": 4,

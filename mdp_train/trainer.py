@@ -73,6 +73,18 @@ def proto_stats(protos: Tensor, valid: Tensor) -> dict:
             "proto_cos_centred": float((c @ c.t())[off].mean())}
 
 
+def sync_batchnorm(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    """``model.sync_bn``: the model with its BatchNorm layers as SyncBatchNorm when ``world``
+    ranks train it (unchanged for one process). Raises ``ValueError`` off CUDA, where torch's
+    SyncBatchNorm does not run."""
+    if world == 1:
+        return model
+    if device.type != "cuda":
+        raise ValueError(f"model.sync_bn needs CUDA (torch's SyncBatchNorm does not run on "
+                         f"{device.type}); set model.sync_bn=false for {world} CPU ranks")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def _flat(rec: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in rec.items():
@@ -148,11 +160,8 @@ class Trainer:
                             heads, self.space.num_classes).to(self.device)
         if m["pretrained"]:
             load_torchvision(self.model.net.backbone, m["pretrained"])
-        if m["sync_bn"] and self.world > 1:
-            if self.device.type != "cuda":
-                raise ValueError("model.sync_bn needs CUDA (torch's SyncBatchNorm does not "
-                                 "run on CPU)")
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if m["sync_bn"]:  # before the key encoder is copied from it, so the key gets it too
+            self.model = sync_batchnorm(self.model, self.world, self.device)
         self.key = (MomentumEncoder(self.model, m["momentum"]).to(self.device)
                     if self.kind != "ce" else None)
         n_lab = len(self.data.index) - sum(len(x) for x in self.unlabelled)

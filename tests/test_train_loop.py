@@ -129,8 +129,10 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert lines[-1]["event"] == "end"
 
 
-def test_torchrun_two_ranks_agree(tmp_path):
-    cfg = fx.tiny_config(tmp_path, tmp_path / "run", "train.steps=3")
+@pytest.mark.parametrize("space", ["proj", "bank"])
+def test_torchrun_two_ranks_agree(tmp_path, space):
+    # con_space=bank: the con bank too is fed by every rank (its state is in the digest)
+    cfg = fx.tiny_config(tmp_path, tmp_path / "run", "train.steps=3", f"loss.con_space={space}")
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -144,6 +146,9 @@ def test_torchrun_two_ranks_agree(tmp_path):
     assert "2 rank(s)" in r.stdout and "bank:" in r.stdout
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert int(ck["criterion"]["bank.num_updates"]) == 3
+    assert (ck["con_bank"] is not None) == (space == "bank")
+    if space == "bank":
+        assert int(ck["con_bank"]["num_updates"]) == 3
 
 
 def test_config_overrides_and_errors(tmp_path):

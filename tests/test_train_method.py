@@ -3,15 +3,18 @@ term (consistency space, mixing views, bank), key encoder BN, pseudo-labels, pro
 RNG restore path, config errors, and the demo learning."""
 import importlib.util
 import json
+import sys
+import types
 
 import pytest
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import mdp_kernels as mk
 import train_fixtures as fx
 from mdp_train import demo
 from mdp_train import trainer as T
-from mdp_train.model import MomentumEncoder
+from mdp_train.model import MDPNet, MomentumEncoder
 from mdp_train.trainer import Trainer, _down
 
 
@@ -120,7 +123,35 @@ def test_sync_bn_is_a_torchrun_option(tmp_path):
     tr.fit(max_steps=1)
 
 
-def test_resume_restores_rng_when_loaded_for_another_device(tmp_path):
+def test_sync_bn_converts_query_and_key(tmp_path, monkeypatch):
+    net = MDPNet("resnet18", 16, 8, 16, 16)
+    n_bn = sum(isinstance(x, _BatchNorm) for x in net.modules())
+    assert T.sync_batchnorm(net, 1, torch.device("cpu")) is net  # one process: unchanged
+    with pytest.raises(ValueError, match="model.sync_bn needs CUDA"):
+        T.sync_batchnorm(net, 2, torch.device("cpu"))
+    # the conversion runs on CPU modules; the cuda device only passes the check
+    sync = T.sync_batchnorm(net, 2, torch.device("cuda"))
+    kinds = [type(x) for x in sync.modules() if isinstance(x, _BatchNorm)]
+    assert len(kinds) == n_bn > 0 and set(kinds) == {torch.nn.SyncBatchNorm}
+
+    def two_ranks(self, device):  # rank 0 of 2 CPU ranks, without a process group
+        self.world, self.rank, self._owns_group = 2, 0, False
+        self.device = torch.device("cpu")
+
+    monkeypatch.setattr(Trainer, "_init_dist", two_ranks)
+    monkeypatch.setattr(T, "DistributedDataParallel", lambda model, device_ids: model)
+    with pytest.raises(ValueError, match="model.sync_bn needs CUDA"):
+        Trainer(fx.tiny_config(tmp_path, tmp_path / "a", "model.sync_bn=true"))
+    real = T.sync_batchnorm
+    monkeypatch.setattr(T, "sync_batchnorm",
+                        lambda model, world, device: real(model, world, torch.device("cuda")))
+    tr = Trainer(fx.tiny_config(tmp_path, tmp_path / "b", "model.sync_bn=true"))
+    for enc in (tr.model, tr.key.model):  # the key encoder is copied after the conversion
+        kinds = {type(x) for x in enc.modules() if isinstance(x, _BatchNorm)}
+        assert kinds == {torch.nn.SyncBatchNorm}
+
+
+def test_resume_restores_rng_when_loaded_for_another_device(tmp_path, monkeypatch):
     extra = ("train.steps=3", "train.save_every=1")
     a = Trainer(fx.tiny_config(tmp_path / "d", tmp_path / "a", *extra))
     a.fit(max_steps=1)
@@ -134,6 +165,39 @@ def test_resume_restores_rng_when_loaded_for_another_device(tmp_path):
     assert b.step == 1 and torch.equal(torch.get_rng_state(), ck["rng"]["torch"])
     for k, v in ck["model"].items():
         assert torch.equal(b.model.state_dict()[k], v), k
+    # A state dict whose RNG state was loaded to another device: load_state_dict must hand
+    # torch.set_rng_state a CPU ByteTensor. Meta stands in for cuda; it holds no data, so
+    # its copy out yields the saved bytes.
+    saved = ck["rng"]["torch"]
+    ck["rng"]["torch"] = saved.to("meta")
+    to = torch.Tensor.to
+    c = Trainer(fx.tiny_config(tmp_path / "d", tmp_path / "c", *extra))
+    torch.manual_seed(4321)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "to",
+                   lambda self, *a, **k: to(saved, *a, **k) if self.is_meta else to(self, *a, **k))
+        c.load_state_dict(ck)
+    assert c.step == 1 and torch.equal(torch.get_rng_state(), saved)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda(tmp_path):
+    extra = ("train.steps=3", "train.save_every=1", "train.device=cuda")
+    a = Trainer(fx.tiny_config(tmp_path / "d", tmp_path / "a", *extra))
+    assert a.device.type == "cuda"
+    a.fit(max_steps=1)
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    torch.manual_seed(1234)
+    torch.cuda.manual_seed_all(1234)
+    b = Trainer(fx.tiny_config(tmp_path / "d", tmp_path / "a", *extra))  # resume: auto
+    assert b.step == 1 and torch.equal(torch.get_rng_state(), ck["rng"]["torch"])
+    cuda = torch.cuda.get_rng_state_all()
+    assert len(cuda) == len(ck["rng"]["cuda"])
+    assert all(torch.equal(x, y) for x, y in zip(cuda, ck["rng"]["cuda"]))
+    for k, v in ck["model"].items():
+        assert torch.equal(b.model.state_dict()[k].cpu(), v), k
+    b.fit()
+    assert b.step == 3
 
 
 def test_confidence_scores():
@@ -175,6 +239,7 @@ def test_pseudo_labels_warmup_and_hidden_accuracy(tmp_path, monkeypatch):
     forced = {}
 
     def fake(feats, protos, valid, kind, tau, backend="auto"):
+        forced.setdefault("feats", []).append(feats)
         shape = (feats.shape[0],) + tuple(feats.shape[2:])
         lbl = torch.full(shape, 1, dtype=torch.int64)  # every pixel "road"
         score = torch.linspace(0, 1, lbl.numel()).view(shape)  # half kept at 0.5
@@ -190,12 +255,23 @@ def test_pseudo_labels_warmup_and_hidden_accuracy(tmp_path, monkeypatch):
             batch = next(loader)
         m = tr.train_step(batch)
         unl = ~batch["labelled"]
-        labels = rec["criterion"][-1][0][1]
+        (_, labels, _), ckw, _ = rec["criterion"][-1]
         b = batch["view1"].shape[0]
         lu = torch.cat([labels[:b][unl], labels[b:2 * b][unl]])
+        # what the bank is fed for the unlabelled images of views 1 and 2
+        kl = ckw["key_labels"]
+        ku = torch.cat([kl[:b][unl], kl[b:2 * b][unl]])
         if step < 2:  # warm-up: no pseudo-labels, and the hidden labels never reach the loss
             assert m["pseudo"] == {"coverage": 0.0} and (lu == -1).all()
+            assert (ku == -1).all() and "feats" not in forced  # nothing enters the bank
             continue
+        # pseudo-labels from the key encoder's proj features of views 1 and 2
+        kout = rec["key"][-1][2]
+        assert len(forced["feats"]) == 2
+        for v, f in enumerate(forced["feats"]):
+            assert torch.equal(f, kout["proj"][v * b:(v + 1) * b][unl])
+        # the same pseudo-labels reach the loss and the bank
+        assert torch.equal(ku, lu) and set(ku.unique().tolist()) == {-1, 1}
         keep = torch.cat([k.flatten() for k in forced["keep"]])
         assert m["pseudo"]["coverage"] == pytest.approx(float(keep.float().mean()))
         assert set(lu.unique().tolist()) <= {-1, 1}
@@ -213,6 +289,21 @@ def test_warmup_auto_is_the_bank_size(tmp_path):
     tr = Trainer(fx.tiny_config(tmp_path, tmp_path / "run", "loss.bank_images=8",
                                 unlabelled=True))
     assert tr.warmup == tr.criterion.bank.num_slots == 2
+
+
+def test_proto_stats_centres_a_shared_offset():
+    k, d = 5, 16
+    eye = torch.eye(d)
+    # K prototypes = a large shared offset + small orthogonal parts, and an invalid row
+    protos = torch.nn.functional.normalize(torch.cat([10 * eye[0] + 0.1 * eye[1:k + 1],
+                                                      -eye[:1]]), dim=1)
+    valid = torch.tensor([True] * k + [False])
+    st = T.proto_stats(protos, valid)
+    assert st["proto_cos"] == pytest.approx(1.0, abs=1e-3)  # looks collapsed
+    assert st["proto_cos_centred"] == pytest.approx(-1 / (k - 1), abs=1e-5)  # a simplex
+    one = torch.zeros(k + 1, dtype=torch.bool)
+    one[2] = True
+    assert T.proto_stats(protos, one) == {}
 
 
 def test_probe_holds_out_and_metrics_are_logged(tmp_path):
@@ -278,6 +369,65 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
     tr = Trainer(fx.tiny_config(tmp_path, tmp_path / "r", "train.tensorboard=true"))
     with pytest.raises(ImportError, match="tensorboard"):
         tr.fit(max_steps=1)
+
+
+def test_tensorboard_writes_the_logged_records(tmp_path, monkeypatch):
+    calls = []
+
+    class Writer:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, logdir):
+            calls.append(("logdir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            calls.append(("flush",))
+
+    tb = types.ModuleType("torch.utils.tensorboard")
+    tb.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tb)
+    tr = Trainer(fx.tiny_config(tmp_path, tmp_path / "run", "train.tensorboard=true",
+                                "train.probe_every=1", "train.steps=2"))
+    tr.fit()
+    assert calls[0] == ("logdir", str(tmp_path / "run" / "tb")) and calls[-1] == ("flush",)
+    scalars = {(c[0], c[2]): c[1] for c in calls[1:-1]}
+    assert len(scalars) == len(calls) - 2  # one value per tag and step
+    recs = {r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                      .read_text().splitlines()) if "event" not in r}
+    assert sorted(recs) == [0, 1, 2]
+    for tag, step in [("loss", 1), ("loss", 2), ("lr", 2), ("filled_slots", 1),
+                      ("filled_slots", 2), ("proto_cos_centred", 2), ("mixed", 1),
+                      ("probe/voc/support", 0), ("probe/ade20k/support", 0),
+                      ("probe/voc/support", 2), ("probe/voc/bank", 2),
+                      ("probe/ade20k/key", 2)]:
+        assert (tag, step) in scalars, (tag, step)
+    assert ("probe/voc/bank", 0) not in scalars  # the bank is empty at step 0
+    for (tag, step), value in scalars.items():  # each scalar is the logged record's field
+        assert tag != "step"
+        field = recs[step]
+        for part in tag.split("/"):
+            field = field[part]
+        assert value == field, (tag, step)
+
+
+def test_demo_sizes_steps_to_the_budget(tmp_path, monkeypatch):
+    cfg = demo.demo_config(tmp_path / "data", tmp_path / "run", n=8)
+    clock = {"now": 0.0, "steps": 0}
+
+    def step(self, batch):  # the first (warm-up, untimed) step is slow, then 0.5 s a step
+        clock["steps"] += 1
+        clock["now"] += 100.0 if clock["steps"] == 1 else 0.5
+        return {}
+
+    monkeypatch.setattr(demo.Trainer, "train_step", step)
+    monkeypatch.setattr(demo, "time", types.SimpleNamespace(time=lambda: clock["now"]))
+    assert demo.size_steps(cfg, 10.0) == int(10 * 0.85 / 0.5) == 17
+    assert clock["steps"] == 5
+    clock["steps"] = 0
+    assert demo.size_steps(cfg, 10.0, probe_share=0.5) == 10
+    clock["steps"] = 0
+    assert demo.size_steps(cfg, 1.0) == 8  # the floor
 
 
 def test_demo_learns_on_both_datasets(tmp_path, capsys):
