@@ -6,7 +6,7 @@
 * ``semi``: pseudo-label settings on A+B+U, U = drive 0001TP read as unlabelled with its
   labels hidden (same 11 classes as A): coverage and accuracy of the kept pseudo-labels.
 
-``python -m mdp_train.checks [--steps 200] [--semi-steps 100]`` writes
+``python -m mdp_train.checks [--steps 200] [--semi-steps 200]`` writes
 ``benchmarks/results/issue16-checks.md`` (+ ``.json``); runs go to ``out/issue16``. A run
 whose final checkpoint exists is not retrained: its numbers are read back from the
 checkpoint and its ``metrics.jsonl``, so the checks can be stopped and started again.
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=os.environ.get("MDP_CAMVID", str(DEFAULT_DATA)))
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--semi-steps", type=int, default=100)
+    ap.add_argument("--semi-steps", type=int, default=200)
     ap.add_argument("--parts", nargs="*", default=["con", "semi"], choices=["con", "semi"])
     ap.add_argument("--out", default=str(REPO / "out" / "issue16"))
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
