@@ -46,12 +46,13 @@ ARMS = {  # name: (label, pretraining overrides or None for scratch, datasets: D
 # The pretraining sets an arm can name: (labelled?, what it is, its reader spec under the
 # CamVid root). A1/A2 split drive 0016E5 by frame (time order): A1 = the first half
 # (labelled), A2 = the second half read as plain images, so its labels are never opened.
+FRAMES = {"A": 305, "B": 101}  # labelled frames per set (tests/test_experiment2.py counts them)
 DATA = {
-    "A": (True, "A = 0016E5, 305 frames, 11 classes",
+    "A": (True, f"A = 0016E5, {FRAMES['A']} frames, 11 classes",
           {"type": "folder", "subsets": ["0016E5"], "name": "A"}),
     "A1": (True, "A1 = the first half of 0016E5's frames in time order (152), 11 classes",
            {"type": "folder", "subsets": ["0016E5"], "name": "A1", "frames": "first_half"}),
-    "B": (True, "B = 0006R0, 101 frames, 7 coarse classes (configs/camvid_coarse.txt)",
+    "B": (True, f"B = 0006R0, {FRAMES['B']} frames, 7 coarse classes (configs/camvid_coarse.txt)",
           {"type": "folder", "subsets": ["0006R0"], "name": "B",
            "remap": str(REPO / "configs" / "camvid_coarse.txt")}),
     "U": (False, "U = 0006R0's images without labels (the images of B)",
@@ -192,8 +193,8 @@ def summarise(results: dict, budget: dict, name: str, out_md: Path, out_png: Pat
           f"Model: {m['arch']} (width {m['width']}) DeepLab-v3+ (output stride 16, "
           f"{m['channels']} decoder channels), {m['dim']}-d embeddings. Pretraining: "
           f"{p['steps']} steps x batch {p['batch']}, {p['crop']} px square crops "
-          f"(A = 0016E5, 305 frames, 11 classes; B = 0006R0, 101 frames, 7 coarse classes; "
-          f"U = 0006R0 without labels). Fine-tuning: {f['steps']} steps x batch {f['batch']}, "
+          f"({DATA['A'][1]}; {DATA['B'][1]}; U = 0006R0 without labels). Fine-tuning: "
+          f"{f['steps']} steps x batch {f['batch']}, "
           f"{f['crop'][0]}x{f['crop'][1]} crops at 0.4-0.7 scale, SGD lr {f['lr']} poly, on the "
           f"62 `train_*` frames of 0001TP; mIoU (11 classes, MMSegmentation way) on its 62 "
           f"`test_*` frames at 0.5 scale. Fine-tuning seeds per arm: "

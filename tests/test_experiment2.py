@@ -9,7 +9,7 @@ import pytest
 
 from mdp_train import camvid2 as C
 from mdp_train import datasets as D
-from mdp_train.experiment import dataset_specs
+from mdp_train.experiment import FRAMES, dataset_specs
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"  # beside the repo
 needs_camvid = pytest.mark.skipif(not (CAMVID / "classes.txt").is_file(),
@@ -70,7 +70,7 @@ def _write_units(folder: Path, budget=BUDGET, skip=()):
                 continue
             v = MIOU.get(arm, (20.0, 21.0, 22.0))[seed] / 100
             protos = {p: {"miou": v - (0.05 if p == "probe" else 0), "acc": 0.5,
-                          "iou": [v] * 10 + [None], "train_seconds": 1.0}
+                          "iou": [0.0] + [v] * 9 + [None], "train_seconds": 1.0}
                       for p in C.protocols(arm)}
             unit = {"arm": arm, "seed": seed, "protocols": protos, "budget": budget,
                     "classes": [f"c{i}" for i in range(11)], "pretrain_seconds": 2.0,
@@ -102,6 +102,10 @@ def test_report_complete_then_partial(tmp_path):
     reading = md.split("## Reading")[1].split("##")[0]
     assert "multi-dataset > single-dataset (MDP A+B - MDP A; paper): backbone: holds" in reading
     assert "{" not in reading and "TODO" not in reading
+    lim = md.split("## What limits this reproduction")[1].split("##")[0]
+    assert "3 seeds give a 95% t-interval of +- 2.48 x the std" in lim
+    # c0 is 0 in every unit; c10 is absent from the test set (None), which is not a 0 IoU
+    assert "1 of the 11 classes (c0) get 0 IoU in every unit" in lim and "{" not in lim
     # one unit missing: PARTIAL in the title, the unit listed, the command to finish
     (units / "mdp_a-seed2.json").unlink()
     md = C.report(units, BUDGET, "test", tmp_path / "r.md", tmp_path / "r.png", "FINISH-CMD")
@@ -140,7 +144,8 @@ def test_camvid_frame_halves_split_drive_0016E5():
     (a2,) = (D.build_dataset(s) for s in unl)
     every = sorted(p.stem for p in (CAMVID / "0016E5" / "images").iterdir())
     s1, s2 = [p[0].stem for p in a1.pairs], [p[0].stem for p in a2.pairs]
-    assert s1 + s2 == every and len(every) == 305  # disjoint halves, in time order, all frames
+    assert s1 + s2 == every and len(every) == FRAMES["A"]  # disjoint halves in time order
+    assert len(b.pairs) == FRAMES["B"]
     assert (len(s1), len(s2)) == (152, 153) and max(s1) < min(s2)
     assert a1.labelled and not a2.labelled and all(lbl is None for _, lbl in a2.pairs)
     assert b.name == "B" and not set(s1 + s2) & {p[0].stem for p in b.pairs}
