@@ -390,7 +390,13 @@ def _chart(units: dict, title: str, out_png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    rows = [r for r in claim_rows(units) if r[-1]["n"]]
+    top, low = 4.2, 0.6 + 0.2 * max(len(rows), 4)  # inches: the bars, the differences
+    h = top + low + 0.4
+    fig = plt.figure(figsize=(11, h), dpi=110)
+    # fixed rectangles, so the long difference labels do not squeeze the bars
+    ax = fig.add_axes((0.06, (low + 0.4) / h, 0.66, (top - 0.55) / h))
+    dx = fig.add_axes((0.36, 0.45 / h, 0.60, (low - 0.45) / h))
     colours = {a: "0.6" if a == "scratch" else plt.get_cmap("tab20")(i % 20)
                for i, a in enumerate(ARMS)}
     x, ticks, seen = 0.0, [], set()
@@ -407,7 +413,7 @@ def _chart(units: dict, title: str, out_png: Path) -> None:
             seen.add(arm)
             x += 1
         if arms:
-            ticks.append(((start + x - 1) / 2, f"{proto}\n({PROTOCOLS[proto][1]})"))
+            ticks.append(((start + x - 1) / 2, proto))
             x += 1
     if not ticks:
         ax.text(0.5, 0.5, "no finished units yet", ha="center", transform=ax.transAxes)
@@ -416,7 +422,20 @@ def _chart(units: dict, title: str, out_png: Path) -> None:
     ax.set_title(title, fontsize=9)
     if seen:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    # the claims as paired differences: what the bars above cannot show at their scale
+    hue = {"holds": "tab:green", "does not hold": "tab:red"}
+    for i, (q, _, proto, a, b, pr) in enumerate(reversed(rows)):
+        err = None if pr["resolved"] is None else [[pr["mean"] - pr["lo"]], [pr["hi"] - pr["mean"]]]
+        dx.errorbar(pr["mean"], i, xerr=err, fmt="o", ms=4, capsize=3,
+                    color=hue.get(verdict(pr), "0.45"))
+    dx.set_yticks(range(len(rows)),
+                  [f"{SHORT[a]} - {SHORT[b]} ({proto}, n={pr['n']})"
+                   for _, _, proto, a, b, pr in reversed(rows)], fontsize=7)
+    dx.axvline(0, color="k", lw=0.8)
+    dx.set_xlabel("paired difference a - b (mIoU points), 95% t-interval over seeds; green holds, "
+                  "red does not hold, grey unresolved", fontsize=8)
+    if not rows:
+        dx.text(0.5, 0.5, "no paired differences yet", ha="center", transform=dx.transAxes)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     plt.close(fig)
