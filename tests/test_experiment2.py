@@ -121,6 +121,23 @@ def test_report_complete_then_partial(tmp_path):
         C.report(units, BUDGET, "test", tmp_path / "r.md", tmp_path / "r.png", "x")
 
 
+@pytest.mark.parametrize("mdp, aware, says", [
+    ((30.0, 31.0, 32.0), (33.0, 34.1, 34.9), "there is no deficit for label conflict"),
+    ((27.0, 28.0, 29.1), (31.0, 32.0, 33.0), "label conflict in the shared softmax held"),
+    ((27.0, 28.0, 29.1), (25.0, 26.0, 27.0), "the conflict is ruled out as the cause"),
+    ((27.0, 28.0, 29.1), (29.5, 27.0, 30.5), "bound the dataset-aware softmax's gain over the "
+                                             "shared one at +5.41 points"),
+])
+def test_ordering_says_what_the_dataset_aware_arm_rules_out(mdp, aware, says):
+    mdp_a = (28.0, 29.1, 29.9)
+    units = {(arm, k): {"protocols": {"backbone": {"miou": v[k] / 100}}}
+             for arm, v in (("mdp", mdp), ("mdp_a", mdp_a), ("mdp_aware", aware)) for k in range(3)}
+    assert says in C.ordering(units)
+    one = {k: u for k, u in units.items() if k[1] == 0}
+    assert C.ordering(one).endswith("nothing is ruled out yet.")
+    assert C.ordering({}).endswith("no data yet.")
+
+
 def test_report_with_no_units_and_the_estimate(tmp_path):
     md = C.report(tmp_path / "none", BUDGET, "t", tmp_path / "r.md", tmp_path / "r.png", "go")
     assert "PARTIAL: 0 of 33 units" in md and "`go`" in md
