@@ -297,8 +297,9 @@ def claim_rows(units: dict) -> list[tuple]:
 
 
 def ordering(units: dict) -> str:
-    """The A+B vs A ordering under the shared and the dataset-aware softmax, and what the
-    dataset-aware arm (no label conflict between A and B) rules out."""
+    """Round 1's second explanation for A+B < A, label conflict: the A+B vs A ordering under
+    the shared and the dataset-aware softmax, and what the dataset-aware arm (no conflict
+    between A's and B's labels) rules out."""
     v = {a: values(units, a, PRIMARY) for a in ("mdp", "mdp_a", "mdp_aware")}
     shared, aware = paired(v["mdp"], v["mdp_a"]), paired(v["mdp_aware"], v["mdp_a"])
     gain = paired(v["mdp_aware"], v["mdp"])
@@ -325,9 +326,31 @@ def ordering(units: dict) -> str:
                    f"{gain['hi']:+.2f} points and A+B over A at {aware['hi']:+.2f}.")
 
 
+def space_fix(units: dict) -> str:
+    """Round 1's first explanation for A+B < A, consistency in the wrong space: A+B vs A with
+    the consistency in either right space (both con_space arms)."""
+    a = values(units, "mdp_a", PRIMARY)
+    ps = {c: paired(values(units, "mdp" if c == DEFAULT_CON else OTHER_ARM, PRIMARY), a)
+          for c in (DEFAULT_CON, OTHER_CON)}
+    if not all(p["n"] for p in ps.values()):
+        return "- A+B vs A with the consistency space fixed: no data yet."
+    head = ("- A+B vs A with the consistency in the right space (round 1 had it wrong): MDP A+B "
+            "- MDP A is " + " and ".join(f"{fmt_diff(p)} with con_space={c}"
+                                         for c, p in ps.items()) + ". ")
+    if any(p["resolved"] is None for p in ps.values()):
+        return head + "One seed gives no interval, so nothing is ruled out yet."
+    if any(p["resolved"] and p["mean"] > 0 for p in ps.values()):
+        return head + "With the space fixed A+B is resolved above A, as that explanation predicts."
+    if all(p["resolved"] for p in ps.values()):
+        return head + ("A+B stays resolved below A in either space, so the wrong space was not "
+                       "what kept A+B below A.")
+    return head + ("Neither is resolved above A: fixing the space does not make B help at this "
+                   "resolution.")
+
+
 def reading(units: dict) -> list[str]:
-    """Bullets generated from the intervals only: one per claim (every protocol it has), the
-    dataset-aware ordering, and the arms resolved above / below scratch."""
+    """Bullets generated from the intervals only: one per claim (every protocol it has), round
+    1's two explanations for A+B < A, and the arms resolved above / below scratch."""
     rows = claim_rows(units)
     out = []
     for q, src, a, b in CLAIMS:
@@ -335,7 +358,7 @@ def reading(units: dict) -> list[str]:
                  for q2, _, proto, a2, b2, p in rows if (q2, a2, b2) == (q, a, b) and p["n"]]
         out.append(f"- {q} ({SHORT[a]} - {SHORT[b]}; {src}): "
                    + ("; ".join(parts) if parts else "no data yet") + ".")
-    out.append(ordering(units))
+    out += [space_fix(units), ordering(units)]
     for proto in PROTOCOLS:
         above, below, unres = [], [], []
         for arm in ARMS:

@@ -138,6 +138,20 @@ def test_ordering_says_what_the_dataset_aware_arm_rules_out(mdp, aware, says):
     assert C.ordering({}).endswith("no data yet.")
 
 
+@pytest.mark.parametrize("proj, bank, says", [
+    ((30.0, 31.0, 32.0), (27.0, 28.0, 29.1), "as that explanation predicts"),
+    ((27.0, 28.0, 29.1), (26.0, 27.0, 28.0), "the wrong space was not what kept"),
+    ((27.0, 28.0, 29.1), (29.5, 27.0, 30.5), "fixing the space does not make B help"),
+])
+def test_space_fix_says_whether_the_right_space_lifts_a_plus_b(proj, bank, says):
+    mdp_a = (28.0, 29.1, 29.9)
+    units = {(arm, k): {"protocols": {"backbone": {"miou": v[k] / 100}}}
+             for arm, v in (("mdp", proj), ("mdp_a", mdp_a), (C.OTHER_ARM, bank))
+             for k in range(3)}
+    assert says in C.space_fix(units)
+    assert C.space_fix({k: u for k, u in units.items() if k[1] == 0}).endswith("yet.")
+
+
 def test_report_with_no_units_and_the_estimate(tmp_path):
     md = C.report(tmp_path / "none", BUDGET, "t", tmp_path / "r.md", tmp_path / "r.png", "go")
     assert "PARTIAL: 0 of 33 units" in md and "`go`" in md
