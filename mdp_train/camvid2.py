@@ -323,7 +323,8 @@ def ordering(units: dict) -> str:
     return head + (f"Without the label conflict A+B is still not resolved above A, so the "
                    f"conflict does not explain the missing gain at this resolution; the "
                    f"intervals bound the dataset-aware softmax's gain over the shared one at "
-                   f"{gain['hi']:+.2f} points and A+B over A at {aware['hi']:+.2f}.")
+                   f"{gain['hi']:+.2f} points and the dataset-aware A+B's gain over A at "
+                   f"{aware['hi']:+.2f}.")
 
 
 def space_fix(units: dict) -> str:
