@@ -3,6 +3,7 @@
 run of two arms on the real data (skipped where there is no CamVid copy)."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,20 @@ def test_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, monkeypat
     assert starts == [1] and ckpt == pre / "checkpoint.pt" and (pre / "done.json").is_file()
     E.pretrain(CAMVID, sets, extra, budget, 0, pre)  # finished: not even resumed
     assert starts == [1]
+
+
+# ------------------------------------------------------------------------------ README
+NUMBER = re.compile(r"[+-]?\d+\.\d\d(?: \+- \d+\.\d\d| \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\])")
+
+
+def test_readme_round2_summary_quotes_the_committed_report():
+    """Every mean +- std and every paired interval in the README's round-2 summary is in
+    camvid2.md, and the summary is labelled partial exactly when the report is."""
+    root = Path(__file__).resolve().parents[1]
+    report = (root / "benchmarks" / "results" / "camvid2.md").read_text()
+    readme = (root / "README.md").read_text()
+    summary = " ".join(readme.split("Round 2 results (")[1].split("\n\n")[0].split())
+    quoted = NUMBER.findall(summary)
+    assert len(quoted) >= 10, summary
+    assert [q for q in quoted if q not in report] == []
+    assert ("PARTIAL" in summary) == ("PARTIAL" in report.splitlines()[0])
