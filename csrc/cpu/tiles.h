@@ -100,6 +100,17 @@ void store_rows(at::Tensor& out, int64_t b, int64_t p0, int64_t n, const int64_t
   T* dst = out.mutable_data_ptr<T>() + b * out.stride(0) + p0 * sp;
   const S* s = nv > 0 ? src.const_data_ptr<S>() : nullptr;
   const int64_t ss = nv > 0 ? src.stride(0) : 0;
+  if (sp == 1) {  // (B, D, P) layout: write each channel row once, contiguously
+    for (int64_t d = 0; d < D; ++d) {
+      T* row = dst + d * sd;
+      for (int64_t i = 0, j = 0; i < n; ++i) {
+        const bool keep = j < nv && idx[j] == i;
+        row[i] = keep ? static_cast<T>(s[j * ss + d]) : T(0);
+        j += keep;
+      }
+    }
+    return;
+  }
   for (int64_t i = 0, j = 0; i < n; ++i) {
     const bool keep = j < nv && idx[j] == i;
     for (int64_t d = 0; d < D; ++d)
