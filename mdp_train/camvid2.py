@@ -310,11 +310,11 @@ def ordering(units: dict) -> str:
             f"dataset-aware one (dataset-aware - shared: {fmt_diff(gain)}). ")
     if aware["resolved"] is None or shared["resolved"] is None:
         return head + "One seed gives no interval, so nothing is ruled out yet."
-    above = {k: p["resolved"] and p["mean"] > 0 for k, p in (("shared", shared), ("aware", aware))}
-    if above["aware"] and not above["shared"]:
+    shared_up = shared["resolved"] and shared["mean"] > 0
+    if aware["resolved"] and aware["mean"] > 0 and not shared_up:
         return head + ("The dataset-aware softmax puts A+B resolved above A and the shared one "
                        "does not: label conflict in the shared softmax held A+B back.")
-    if above["shared"]:
+    if shared_up:
         return head + ("A+B is resolved above A with the shared softmax already: there is no "
                        "deficit for label conflict to explain.")
     if aware["resolved"]:
@@ -349,10 +349,10 @@ def space_fix(units: dict) -> str:
                    "resolution.")
 
 
-def reading(units: dict) -> list[str]:
+def reading(units: dict, rows: list[tuple]) -> list[str]:
     """Bullets generated from the intervals only: one per claim (every protocol it has), round
-    1's two explanations for A+B < A, and the arms resolved above / below scratch."""
-    rows = claim_rows(units)
+    1's two explanations for A+B < A, and the arms resolved above / below scratch. ``rows``:
+    :func:`claim_rows` of ``units``."""
     out = []
     for q, src, a, b in CLAIMS:
         parts = [f"{proto}: {verdict(p)} ({fmt_diff(p)}, n = {p['n']})"
@@ -386,9 +386,10 @@ PAPER_SCALE = ("a ResNet-50 DeepLab-v3+ with 256-d embeddings, pretrained at bat
                "fine-tuned for 40k-80k iterations at 512 px")
 
 
-def limits(units: dict, budget: dict) -> list[str]:
+def limits(units: dict, budget: dict, rows: list[tuple], names: list[str] | None) -> list[str]:
     """Bullets on what bounds this reproduction: scale against the paper, the smallest
-    difference the seeds can resolve, the classes no arm learns, and the label spaces."""
+    difference the seeds can resolve, the classes no arm learns (``names``: the units' class
+    names), and the label spaces. ``rows``: :func:`claim_rows` of ``units``."""
     m, p, f = budget["model"], budget["pretrain"], budget["finetune"]
     epochs = p["steps"] * p["batch"] / sum(FRAMES.values())
     n = budget["seeds"]
@@ -399,14 +400,14 @@ def limits(units: dict, budget: dict) -> list[str]:
            f"downstream set."]
     if n > 1:
         k = t975(n - 1) / math.sqrt(n)
-        sds = [pr["std"] for *_, pr in claim_rows(units) if pr["n"] == n]
-        spread = (f"; the claims' paired differences have a median std of "
-                  f"{np.median(sds):.2f} points over seeds, so a difference needs to exceed "
-                  f"about {k * np.median(sds):.1f} points to be resolved" if sds else "")
+        sds = [pr["std"] for *_, pr in rows if pr["n"] == n]
+        sd = float(np.median(sds)) if sds else math.nan
+        spread = (f"; the claims' paired differences have a median std of {sd:.2f} points over "
+                  f"seeds, so a difference needs to exceed about {k * sd:.1f} points to be "
+                  f"resolved" if sds else "")
         out.append(f"- Statistics: {n} seeds give a 95% t-interval of +- {k:.2f} x the std of "
                    f"the per-seed differences ({n - 1} dof){spread}. Unresolved means not "
                    f"measurable at this budget, not equal.")
-    names = next((u["classes"] for u in units.values() if u["classes"]), None)
     if names:
         ious = [[u["protocols"][PRIMARY]["iou"][i] for u in units.values()]
                 for i in range(len(names))]
@@ -426,11 +427,11 @@ def limits(units: dict, budget: dict) -> list[str]:
     return out
 
 
-def _chart(units: dict, title: str, out_png: Path) -> None:
+def _chart(units: dict, rows: list[tuple], title: str, out_png: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in claim_rows(units) if r[-1]["n"]]
+    rows = [r for r in rows if r[-1]["n"]]
     top, low = 4.2, 0.6 + 0.2 * max(len(rows), 4)  # inches: the bars, the differences
     h = top + low + 0.4
     fig = plt.figure(figsize=(11, h), dpi=110)
@@ -559,13 +560,14 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
     md += ["## Claims (paired difference a - b, mIoU points)", "",
            "| question | source | protocol | a - b | n | mean [95% CI] | verdict |",
            "| --- | --- | --- | --- | ---: | ---: | --- |"]
-    for q, src, proto, a, b, pr in claim_rows(units):
+    rows = claim_rows(units)
+    names = next((u["classes"] for u in units.values() if u["classes"]), None)
+    for q, src, proto, a, b, pr in rows:
         md.append(f"| {q} | {src} | {proto} | {SHORT[a]} - {SHORT[b]} | {pr['n']} | "
                   f"{fmt_diff(pr)} | {verdict(pr)} |")
-    md += ["", "## Reading (generated from the intervals above)", "", *reading(units), ""]
+    md += ["", "## Reading (generated from the intervals above)", "", *reading(units, rows), ""]
     if units:
-        md += ["## What limits this reproduction", "", *limits(units, budget), ""]
-    names = next((u["classes"] for u in units.values() if u["classes"]), None)
+        md += ["## What limits this reproduction", "", *limits(units, budget, rows, names), ""]
     if names:
         md += [f"## Per-class IoU (%), {PRIMARY}, mean over seeds", "",
                "| arm | " + " | ".join(names) + " |",
@@ -598,7 +600,7 @@ def report(units_dir: Path, budget: dict, name: str, out_md: Path, out_png: Path
         md += [f"Ignored unit files (arms this driver does not know): {', '.join(ignored)}.", ""]
     if note:
         md += [note, ""]
-    _chart(units, title, out_png)
+    _chart(units, rows, title, out_png)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     files.write_text(out_md, "\n".join(md) + "\n")
     return "\n".join(md)
